@@ -1,0 +1,7 @@
+"""acmix: ACmix (Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022) for PyTorch."""
+
+from .layers import ACmix
+from .ops import available_backends, conv_path, local_attention
+from .version import __version__
+
+__all__ = ["ACmix", "__version__", "available_backends", "conv_path", "local_attention"]

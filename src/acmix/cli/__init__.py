@@ -1,0 +1,1 @@
+"""The ``acmix`` command line. Each subcommand module exposes ``register(subparsers)``."""

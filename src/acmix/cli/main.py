@@ -1,0 +1,60 @@
+"""``acmix`` entry point: ``main(argv) -> int`` so tests call it in-process.
+
+Errors a user can fix (bad arguments, missing files, unknown names) print one line to stderr and return 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from .._env import configure_logging
+from ..version import __version__
+
+#: subcommand modules under ``acmix.cli``; each has ``register(subparsers) -> None``
+COMMAND_MODULES = ("info", "demo")
+
+
+class UsageError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acmix", description="ACmix: self-attention and convolution, integrated.")
+    parser.add_argument("--version", action="version", version=f"acmix {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log INFO (-v) or DEBUG (-vv)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"{__package__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(list(argv) if argv is not None else None)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    if args.verbose:
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose > 1 else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        )
+    configure_logging()
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (UsageError, ValueError, FileNotFoundError) as exc:
+        print(f"acmix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"acmix {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def console_entry() -> None:
+    sys.exit(main())

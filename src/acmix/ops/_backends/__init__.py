@@ -1,0 +1,1 @@
+"""Fast local-attention backends; each module registers itself with :mod:`acmix.ops._dispatch`."""

@@ -1,0 +1,91 @@
+"""The convolution path of ACmix: light FC over the 3N head maps, then shift-and-sum as a group convolution.
+
+Two implementations with identical results: ``"reference"`` (FC, permute, group conv: the official order of
+operations) and ``"fused"`` (the FC and the group conv are both linear, so they compose into a single
+k_c x k_c grouped convolution from the 3C stacked q/k/v channels, paper.md section 8; the composed weight is
+rebuilt every call so training stays exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import _checks
+from ._reference import conv_path_reference
+
+CONV_PATH_IMPLS = ("fused", "reference")
+
+
+def _conv_path_fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    fc_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None,
+    group_weight: torch.Tensor,
+    stride: int,
+) -> torch.Tensor:
+    b, c, h, w = q.shape
+    hd = c // num_heads
+    kc = group_weight.shape[-1]
+    fc = fc_weight.reshape(fc_weight.shape[0], -1)  # (k2, 3N)
+    gw = group_weight.to(q.dtype)
+    weight = torch.einsum("oixy,im->omxy", gw, fc.to(q.dtype))  # (C, 3N, kc, kc)
+    x = torch.stack([q, k, v], 1).reshape(b, 3, num_heads, hd, h, w)  # (B, 3, N, D, H, W)
+    x = x.permute(0, 3, 1, 2, 4, 5).reshape(b, 3 * c, h, w)  # (B, 3C, H, W): channel d*3N + t*N + j
+    out = F.conv2d(x, weight, None, stride=stride, padding=kc // 2, groups=hd)  # (B, C, Ho, Wo)
+    if fc_bias is not None:
+        # the FC bias enters every in-bounds tap of the group conv: a (1, C, Ho, Wo) map, exact at the border
+        wb = torch.einsum("oixy,i->oxy", gw, fc_bias.to(q.dtype)).unsqueeze(1)  # (C, 1, kc, kc)
+        ones = torch.ones(1, 1, h, w, dtype=q.dtype, device=q.device)
+        out = out + F.conv2d(ones.expand(1, c, h, w), wb, None, stride=stride, padding=kc // 2, groups=c)
+    return out
+
+
+def conv_path(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_heads: int,
+    fc_weight: torch.Tensor,
+    group_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None = None,
+    stride: int = 1,
+    impl: str = "fused",
+) -> torch.Tensor:
+    """ACmix Stage II convolution path (Fig. 2 bottom; Fig. 3 (c-III) shift as group convolution).
+
+    Args:
+        q, k, v: the Stage I projections, channels head-major (c = head * head_dim + d).
+        num_heads: N; head_dim = C / N.
+        fc_weight: (k_c^2, 3N) or (k_c^2, 3N, 1, 1): the light FC, shared over head_dim and pixels.
+        group_weight: (C, k_c^2, k_c, k_c): group conv with groups = head_dim, output channel d * N + j.
+        fc_bias: optional (k_c^2,) FC bias (the Swin code has one, the ResNet code does not).
+        stride: stride of the group convolution (zero padding k_c // 2).
+        impl: ``"fused"`` (default, one grouped conv) or ``"reference"``.
+
+    Shape:
+        q, k, v: (B, C, H, W) -> (B, C, ceil(H / stride), ceil(W / stride)).
+    """
+    if impl not in CONV_PATH_IMPLS:
+        raise ValueError(f"unknown conv path impl {impl!r}; valid: {', '.join(CONV_PATH_IMPLS)}")
+    if q.dim() != 4:
+        raise ValueError(f"q must be a 4-D tensor (B, C, H, W), got {tuple(q.shape)}")
+    _checks.check_float("q", q)
+    _checks.check_same("k", k, q)
+    _checks.check_same("v", v, q)
+    _checks.check_stride(stride)
+    c = q.shape[1]
+    if c % num_heads:
+        raise ValueError(f"channels ({c}) must be divisible by num_heads ({num_heads})")
+    kc = group_weight.shape[-1]
+    if group_weight.dim() != 4 or group_weight.shape != (c, kc * kc, kc, kc):
+        raise ValueError(
+            f"group_weight must be (C, k^2, k, k) = ({c}, {kc * kc}, {kc}, {kc}), got {tuple(group_weight.shape)}"
+        )
+    if fc_weight.reshape(fc_weight.shape[0], -1).shape != (kc * kc, 3 * num_heads):
+        raise ValueError(f"fc_weight must be (k^2, 3N) = ({kc * kc}, {3 * num_heads}), got {tuple(fc_weight.shape)}")
+    fn = _conv_path_fused if impl == "fused" else conv_path_reference
+    return fn(q, k, v, num_heads, fc_weight, fc_bias, group_weight, stride)
