@@ -184,3 +184,45 @@ def test_conv_path_errors():
         conv_path(q, q, q, 2, torch.randn(9, 5), gw)
     with pytest.raises(ValueError, match="unknown conv path impl"):
         conv_path(q, q, q, 2, fc, gw, impl="x")
+
+
+def _naive_aggregate(x, weight, k, stride):
+    b, c, h, w = x.shape
+    wc = weight.shape[1]
+    ho, wo = -(-h // stride), -(-w // stride)
+    out = torch.zeros(b, c, ho, wo, dtype=x.dtype)
+    for bi in range(b):
+        for ci in range(c):
+            for y in range(ho):
+                for xx in range(wo):
+                    acc = 0.0
+                    for t in range(k * k):
+                        r = bounce(y * stride - k // 2 + t // k, h)
+                        cc = bounce(xx * stride - k // 2 + t % k, w)
+                        acc = acc + weight[bi, ci % wc, t, y, xx] * x[bi, ci, r, cc]
+                    out[bi, ci, y, xx] = acc
+    return out
+
+
+@pytest.mark.parametrize(
+    "shape,wc,k,stride", [((1, 4, 5, 6), 2, 3, 1), ((2, 6, 4, 4), 3, 7, 1), ((1, 4, 5, 3), 4, 3, 2)]
+)
+def test_local_aggregate_matches_naive(shape, wc, k, stride):
+    from acmix.ops import local_aggregate
+
+    x = torch.randn(shape, dtype=torch.float64)
+    ho, wo = -(-shape[2] // stride), -(-shape[3] // stride)
+    weight = torch.randn(shape[0], wc, k * k, ho, wo, dtype=torch.float64)
+    torch.testing.assert_close(local_aggregate(x, weight, k, stride), _naive_aggregate(x, weight, k, stride))
+
+
+def test_local_aggregate_errors():
+    from acmix.ops import local_aggregate
+
+    x = torch.randn(1, 4, 5, 5)
+    with pytest.raises(ValueError, match="weight must be"):
+        local_aggregate(x, torch.randn(1, 2, 9, 4, 5), 3)
+    with pytest.raises(ValueError, match="divisible"):
+        local_aggregate(x, torch.randn(1, 3, 9, 5, 5), 3)
+    with pytest.raises(ValueError, match="4-D"):
+        local_aggregate(x[0], torch.randn(1, 2, 9, 5, 5), 3)
