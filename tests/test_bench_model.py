@@ -240,3 +240,10 @@ def test_cli_subcommand_in_process(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "resnet10t" in out and "infer" in out and "wrote" in out
     assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["model"] == "resnet10t"
+
+
+def test_profile_step_lists_the_ops_of_a_training_step():
+    from acmix.bench.runner import profile_step
+
+    table = profile_step(Tiny(), "train", TINY, row_limit=50)
+    assert "aten::convolution_backward" in table and "Self CPU" in table

@@ -617,3 +617,40 @@ def _memory_child() -> int:
     method = "rss_hwm_subprocess" if warm.mem_method == "rss_hwm" else warm.mem_method
     sys.stdout.write(json.dumps({"peak_mib": warm.peak_mib, "method": method, "batch": warm.case.config.batch}) + "\n")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------- profiling
+
+
+def profile_step(
+    model: nn.Module | str,
+    mode: str,
+    config: BenchConfig | None = None,
+    *,
+    steps: int = 1,
+    row_limit: int = 20,
+    factory: ModelFactory | None = None,
+) -> str:
+    """Where the time of a step goes: ``torch.profiler`` table of the top ops by self time (after warm-up).
+
+    Args:
+        model: a module or a registered model name.
+        mode: ``"train"`` or ``"infer"``.
+        config: settings (``config.backend`` is forced on the ACmix layers).
+        steps: profiled steps.
+        row_limit: rows of the table.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    config = config or BenchConfig()
+    with _threads(config.threads):
+        module, _ = _as_model(model, config, factory)
+        set_attention_backend(module, config.backend)
+        warm = prepare_with_oom_halving(module, mode, config, measure_memory=False)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if warm.case.device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                warm.case.step()
+            synchronize(warm.case.device)
+    sort = "self_cuda_time_total" if warm.case.device.type == "cuda" else "self_cpu_time_total"
+    return str(prof.key_averages().table(sort_by=sort, row_limit=row_limit))
