@@ -1,0 +1,458 @@
+"""Walk a built model and sum the analytic cost of every module, per model stage and per component.
+
+Counts come from the modules actually built: the walker hooks the modules it has a rule for (``nn.Conv2d``,
+``nn.Linear``, norms, ``acmix.ACmix`` and the attention modules in :data:`RULES`), runs one forward pass to record
+the real feature-map sizes (on fake tensors by default: shapes without arithmetic, so a 224 x 224 ACmix-ResNet-50
+costs about a second), and evaluates the formulas of :mod:`acmix.analysis.cost` with the modules' own attributes.
+Every parameter is attributed to exactly one module, so ``ModelCost.params == sum(p.numel())``; a rule whose
+parameter count disagrees with its module's parameters is logged as a warning.
+
+Model stages come from module names: ``layer1`` ... (ResNet, SAN), ``layers.0`` / ``stages.0`` (Swin, timm),
+``block1`` / ``patch_embed1`` (PVT); modules before the first stage are ``"stem"``, after the last ``"head"``.
+
+A *mixer position* is the module the paper replaces: a k x k (k > 1, ungrouped, overlapping) convolution inside
+a stage, or an attention / ACmix module. :meth:`ModelCost.stage_split` sums their Table 1 Stage I and Stage II
+(paper Sec. 3.3: "sum up the cost of all 3 x 3 convolution modules" of ResNet-50).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..layers import ACmix
+from .cost import (
+    MAC_CONVENTION,
+    NO_STAGE,
+    STAGE_I,
+    STAGE_II,
+    Component,
+    Cost,
+    CostItem,
+    ProjAt,
+    acmix_cost,
+    conv_cost,
+    linear_cost,
+    window_attention_cost,
+)
+
+__all__ = ["MIXER_KINDS", "RULES", "ModelCost", "ModuleCost", "WalkContext", "register_rule", "stage_of", "walk"]
+
+logger = logging.getLogger(__name__)
+
+#: kinds of module that sit at a mixer position (what ACmix replaces), summed by :meth:`ModelCost.stage_split`
+MIXER_KINDS = frozenset(
+    {"conv_kxk", "acmix", "local_attention", "window_attention", "acmix_window_attention", "sra", "acmix_sra", "san"}
+)
+
+Shape = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class WalkContext:
+    """Counting options. ``proj_at``: count strided projections at ``"input"`` (as built) or ``"output"``."""
+
+    proj_at: ProjAt = "input"
+
+
+#: rule(module, input_shape, output_shape, ctx) -> (kind, cost); ``None`` shapes when the module never ran
+Rule = Callable[[nn.Module, Shape | None, Shape | None, WalkContext], tuple[str, Cost]]
+RULES: dict[type, Rule] = {}
+
+
+def register_rule(cls: type) -> Callable[[Rule], Rule]:
+    """Register the cost rule of a module class (the most derived registered class of a module wins)."""
+
+    def deco(fn: Rule) -> Rule:
+        RULES[cls] = fn
+        return fn
+
+    return deco
+
+
+def _rule_for(module: nn.Module) -> Rule | None:
+    for cls in type(module).__mro__:
+        if cls in RULES:
+            return RULES[cls]
+    return None
+
+
+def _own_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------- rules
+@register_rule(nn.Conv2d)
+def _conv_rule(m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext) -> tuple[str, Cost]:
+    assert isinstance(m, nn.Conv2d)
+    kh, kw = m.kernel_size
+    h, w = (shape_in[-2], shape_in[-1]) if shape_in else (1, 1)
+    out_hw = (shape_out[-2], shape_out[-1]) if shape_out else None
+    # a mixer position: k x k, ungrouped, overlapping windows (not a patch embedding); the stage is checked later
+    mixer = max(kh, kw) > 1 and m.groups == 1 and max(m.stride) < max(kh, kw)
+    cost = conv_cost(
+        m.in_channels, m.out_channels, (kh, kw), h, w, stride=(m.stride[0], m.stride[1]), groups=m.groups,
+        bias=m.bias is not None, decompose=mixer, out_hw=out_hw,
+    )  # fmt: skip
+    if shape_in is None:
+        cost = cost.with_macs_scaled(0)
+    return ("conv_kxk" if mixer else "conv"), cost
+
+
+@register_rule(nn.Linear)
+def _linear_rule(m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext) -> tuple[str, Cost]:
+    assert isinstance(m, nn.Linear)
+    tokens = 0 if shape_in is None else _prod(shape_in[:-1])
+    return "linear", linear_cost(m.in_features, m.out_features, tokens, bias=m.bias is not None)
+
+
+def _norm_rule(m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext) -> tuple[str, Cost]:
+    return "norm", Cost((CostItem(Component.NORM, NO_STAGE, _own_params(m), 0),))
+
+
+for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.SyncBatchNorm):
+    RULES[_norm] = _norm_rule
+
+
+@register_rule(ACmix)
+def _acmix_rule(m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext) -> tuple[str, Cost]:
+    assert isinstance(m, ACmix)
+    h, w = (shape_in[-2], shape_in[-1]) if shape_in else (1, 1)
+    cost = acmix_cost(
+        m.dim, m.dim_out, h, w, stride=m.stride, num_heads=m.num_heads, attn_kernel_size=m.attn_kernel_size,
+        conv_kernel_size=m.conv_kernel_size, qkv_bias=m.qkv.bias is not None, fc_bias=m.fc.bias is not None,
+        use_rel_pos=m.pos_proj is not None, shift_mode=m.shift_mode, mix=m.mix, conv_impl=m.conv_impl,
+        proj_at=ctx.proj_at,
+    )  # fmt: skip
+    if shape_in is None:
+        cost = cost.with_macs_scaled(0)
+    return ("local_attention" if m.mix == "attn" else "acmix"), cost
+
+
+def _timm_window_attention_rule(
+    m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext
+) -> tuple[str, Cost]:
+    """timm ``WindowAttention``: input (num_windows * B, M*M, C) tokens."""
+    qkv, proj = m.qkv, m.proj
+    assert isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+    ws = tuple(getattr(m, "window_size", (7, 7)))
+    dim, heads = qkv.in_features, int(getattr(m, "num_heads", 1))
+    windows = shape_in[0] if shape_in else 0
+    cost = window_attention_cost(
+        dim, heads, (ws[0], ws[1]), ws[0], ws[1], head_dim=qkv.out_features // (3 * heads),
+        qkv_bias=qkv.bias is not None,
+    ).with_macs_scaled(windows)  # fmt: skip
+    return "window_attention", cost
+
+
+try:  # timm is a dependency; the class moved between versions, so look it up defensively
+    from timm.models.swin_transformer import WindowAttention as _TimmWindowAttention
+
+    RULES[_TimmWindowAttention] = _timm_window_attention_rule
+except ImportError:  # pragma: no cover
+    logger.debug("timm WindowAttention not found; Swin attention matmuls will not be counted")
+
+
+def _prod(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------- stages
+_STAGE_PATTERNS: tuple[tuple[re.Pattern[str], int], ...] = (
+    (re.compile(r"(?:^|\.)layer(\d+)(?:\.|$)"), 0),  # ResNet layer1..4, SAN layer0..4
+    (re.compile(r"(?:^|\.)(?:layers|stages)\.(\d+)(?:\.|$)"), 1),  # timm Swin / generic, 0-based
+    (re.compile(r"(?:^|\.)(?:block|patch_embed|pos_embed|stage)(\d+)(?:\.|$)"), 0),  # PVT v1 block1..4
+)
+
+
+def stage_of(name: str) -> str | None:
+    """``"stage<n>"`` for a module name inside a model stage, else None."""
+    for pattern, offset in _STAGE_PATTERNS:
+        match = pattern.search(name)
+        if match:
+            return f"stage{int(match.group(1)) + offset}"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class ModuleCost:
+    """The cost of one costed module (summed over its calls)."""
+
+    name: str
+    kind: str
+    stage: str
+    cost: Cost
+    calls: int
+    input_shape: Shape | None
+    output_shape: Shape | None
+
+    @property
+    def is_mixer(self) -> bool:
+        return self.kind in MIXER_KINDS and self.stage not in ("stem", "head")
+
+
+@dataclass
+class ModelCost:
+    """Per-module costs of one model at one input size (batch 1: all figures are per image)."""
+
+    name: str
+    input_size: tuple[int, int]
+    modules: list[ModuleCost] = field(default_factory=list)
+    proj_at: str = "input"
+    traced_with: str = "fake"
+
+    @property
+    def total(self) -> Cost:
+        return Cost.sum(m.cost for m in self.modules)
+
+    @property
+    def params(self) -> int:
+        return self.total.params
+
+    @property
+    def macs(self) -> int:
+        return self.total.macs
+
+    def by_stage(self) -> dict[str, dict[str, int]]:
+        """``{model stage: {"params", "macs"}}`` in module order."""
+        out: dict[str, dict[str, int]] = {}
+        for m in self.modules:
+            row = out.setdefault(m.stage, {"params": 0, "macs": 0})
+            row["params"] += m.cost.params
+            row["macs"] += m.cost.macs
+        return out
+
+    def by_component(self) -> dict[str, dict[str, int]]:
+        return self.total.by_component()
+
+    def stage_split(self) -> dict[str, Any]:
+        """Table 1 Stage I / Stage II MACs of the mixer positions, per model stage and in total.
+
+        Returns:
+            ``{"per_stage": {stage: {"stage_I", "stage_II", "share_I", "positions"}}, "stage_I", "stage_II",
+            "share_I", "positions", "proj_at"}`` (shares are fractions of Stage I + Stage II).
+        """
+        per: dict[str, dict[str, Any]] = {}
+        for m in self.modules:
+            if not m.is_mixer:
+                continue
+            row = per.setdefault(m.stage, {"stage_I": 0, "stage_II": 0, "positions": 0})
+            row["stage_I"] += m.cost.stage_macs(STAGE_I)
+            row["stage_II"] += m.cost.stage_macs(STAGE_II)
+            row["positions"] += 1
+        for row in per.values():
+            row["share_I"] = _share(row["stage_I"], row["stage_II"])
+        s1 = sum(r["stage_I"] for r in per.values())
+        s2 = sum(r["stage_II"] for r in per.values())
+        positions = sum(r["positions"] for r in per.values())
+        return {
+            "per_stage": per,
+            "stage_I": s1,
+            "stage_II": s2,
+            "share_I": _share(s1, s2),
+            "positions": positions,
+            "proj_at": self.proj_at,
+        }
+
+    def to_dict(self, modules: bool = False) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": self.name,
+            "input_size": list(self.input_size),
+            "params": self.params,
+            "macs": self.macs,
+            "convention": MAC_CONVENTION,
+            "by_stage": self.by_stage(),
+            "by_component": self.by_component(),
+            "stage_split": self.stage_split(),
+        }
+        if modules:
+            out["modules"] = [
+                {"name": m.name, "kind": m.kind, "stage": m.stage, "calls": m.calls, **m.cost.to_dict()}
+                for m in self.modules
+            ]
+        return out
+
+
+def _share(a: int, b: int) -> float:
+    return a / (a + b) if a + b else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- walker
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (tuple, list)):
+        for v in x:
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    if isinstance(x, dict):
+        for v in x.values():
+            t = _first_tensor(v)
+            if t is not None:
+                return t
+    return None
+
+
+def _in_chans(model: nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+        if isinstance(m, nn.Linear):
+            return m.in_features
+    return 3
+
+
+def _run_forward(model: nn.Module, x_shape: tuple[int, ...], fake: bool) -> str:
+    if fake:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad():
+                model(torch.empty(x_shape))
+            return "fake"
+        except Exception as exc:  # noqa: BLE001 - any op without a fake kernel: fall back to real tensors
+            logger.info("fake-tensor forward failed (%s: %s); running a real forward", type(exc).__name__, exc)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        model(torch.zeros(x_shape, device=device))
+    return "real"
+
+
+def walk(
+    model: nn.Module,
+    input_size: int | tuple[int, int] = 224,
+    *,
+    name: str | None = None,
+    in_chans: int | None = None,
+    proj_at: ProjAt = "input",
+    fake: bool = True,
+) -> ModelCost:
+    """Cost every module of a built model on one (1, in_chans, H, W) input.
+
+    Args:
+        model: any ``nn.Module`` taking an image batch.
+        input_size: H or (H, W).
+        name: label for the result (default: the class name).
+        in_chans: input channels (default: the first conv's ``in_channels``).
+        proj_at: count strided projections at ``"input"`` resolution (as built) or ``"output"`` (paper.md 1.3).
+        fake: trace on fake tensors (no arithmetic); falls back to a real forward if an op cannot run fake.
+
+    Returns:
+        a :class:`ModelCost` (per image).
+    """
+    h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
+    if h < 1 or w < 1:
+        raise ValueError(f"input_size must be positive, got {input_size!r}")
+    ctx = WalkContext(proj_at=proj_at)
+    # choose the costed modules: a module with a rule, not inside another costed module
+    costed: list[tuple[str, nn.Module, Rule]] = []
+    claimed: list[str] = []
+    for mod_name, mod in model.named_modules():
+        if any(_inside(mod_name, c) for c in claimed):
+            continue
+        rule = _rule_for(mod)
+        if rule is not None:
+            costed.append((mod_name, mod, rule))
+            claimed.append(mod_name)
+    records: dict[str, list[tuple[Shape, Shape | None]]] = {n: [] for n, _, _ in costed}
+    handles = []
+    for mod_name, mod, _ in costed:
+
+        def hook(m: nn.Module, args: Any, out: Any, _name: str = mod_name) -> None:
+            t_in, t_out = _first_tensor(args), _first_tensor(out)
+            if t_in is not None:
+                records[_name].append((tuple(t_in.shape), None if t_out is None else tuple(t_out.shape)))
+
+        handles.append(mod.register_forward_hook(hook))
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        traced = _run_forward(model, (1, in_chans or _in_chans(model), h, w), fake)
+    finally:
+        for hd in handles:
+            hd.remove()
+        for m, t in training.items():
+            m.train(t)
+    result = ModelCost(name or type(model).__name__, (h, w), proj_at=proj_at, traced_with=traced)
+    # stages: from names; modules before the first stage are "stem", after it "head"
+    seen_stage = False
+    seen_params: set[int] = set()
+    costed_names = {n for n, _, _ in costed}
+    for mod_name, mod, rule in costed:
+        stage = stage_of(mod_name)
+        if stage is None:
+            stage = "head" if seen_stage else "stem"
+        else:
+            seen_stage = True
+        calls = records[mod_name]
+        if calls:
+            costs = [rule(mod, si, so, ctx) for si, so in calls]
+            kind = costs[0][0]
+            cost = Cost.sum(c for _, c in costs[:1])
+            # parameters once, MACs of every call
+            extra = [
+                CostItem(i.component, i.stage, 0, i.macs, i.in_total, i.counter_visible)
+                for _, c in costs[1:]
+                for i in c
+            ]
+            cost = cost + Cost(tuple(extra))
+        else:
+            kind, cost = rule(mod, None, None, ctx)
+        actual = [p for p in mod.parameters() if id(p) not in seen_params]
+        seen_params.update(id(p) for p in actual)
+        n_actual = sum(p.numel() for p in actual)
+        if cost.params != n_actual:
+            logger.warning(
+                "%s (%s): rule counts %d parameters, the module holds %d (unshared); using the module's count",
+                mod_name, type(mod).__name__, cost.params, n_actual,
+            )  # fmt: skip
+            cost = cost + Cost((CostItem(Component.OTHER, NO_STAGE, n_actual - cost.params, 0),))
+        if kind == "conv_kxk" and stage in ("stem", "head"):  # a k x k conv outside the stages: not a mixer
+            cost = Cost(
+                tuple(
+                    CostItem(Component.CONV, NO_STAGE, i.params, i.macs)
+                    if i.in_total
+                    else CostItem(Component.CONV, NO_STAGE, 0, 0, False)
+                    for i in cost
+                )
+            )
+            kind = "conv"
+        first = calls[0] if calls else (None, None)
+        result.modules.append(ModuleCost(mod_name, kind, stage, cost, len(calls), first[0], first[1]))
+    # parameters of modules without a rule (position embeddings, cls token, unknown layers)
+    for mod_name, mod in model.named_modules():
+        if any(_inside(mod_name, c) for c in costed_names):
+            continue
+        own = [p for p in mod.parameters(recurse=False) if id(p) not in seen_params]
+        if not own:
+            continue
+        seen_params.update(id(p) for p in own)
+        stage = stage_of(mod_name) or "stem"
+        if next(mod.children(), None) is None and _looks_computational(mod):
+            logger.warning("no cost rule for %s (%s): its MACs are not counted", mod_name, type(mod).__name__)
+        n = sum(p.numel() for p in own)
+        result.modules.append(
+            ModuleCost(
+                mod_name or "<root>", "other", stage, Cost((CostItem(Component.OTHER, NO_STAGE, n, 0),)), 0, None, None
+            )
+        )
+    return result
+
+
+def _inside(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+def _looks_computational(mod: nn.Module) -> bool:
+    return any(p.dim() >= 2 for p in mod.parameters(recurse=False))
