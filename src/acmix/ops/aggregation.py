@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _checks
+from ._dispatch import AGGREGATE, Backend
 from ._reference import _unfold_windows
 
 
@@ -27,6 +28,15 @@ def local_aggregate_reference(x: torch.Tensor, weight: torch.Tensor, kernel_size
     return out.reshape(b, c, *out.shape[-2:])
 
 
+def _always(x: torch.Tensor) -> tuple[bool, str]:
+    return True, ""
+
+
+AGGREGATE.register(Backend("reference", local_aggregate_reference, _always, priority=0, description="unfold-based"))
+
+from . import _backends  # noqa: E402, F401  (registers the fast backends)
+
+
 def local_aggregate(
     x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int = 1, backend: str | None = None
 ) -> torch.Tensor:
@@ -37,7 +47,9 @@ def local_aggregate(
         weight: per-position window weights; channel c of ``x`` uses weight channel ``c mod Wc``.
         kernel_size: odd window size k.
         stride: output stride; output position y reads the window centred on input position y * stride.
-        backend: ``None``/``"reference"`` (faster paths are added by :mod:`acmix.ops._backends`).
+        backend: implementation name (``"offset"``, ``"reference"``; see
+            :func:`acmix.ops.available_aggregate_backends`); ``None`` picks the best runnable one
+            (``ACMIX_AGGREGATE_BACKEND`` overrides).
 
     Shape:
         x: (B, C, H, W); weight: (B, Wc, k*k, ceil(H / s), ceil(W / s)) with C divisible by Wc;
@@ -62,6 +74,5 @@ def local_aggregate(
         raise ValueError(
             f"weight must match x's dtype/device ({x.dtype}, {x.device}), got ({weight.dtype}, {weight.device})"
         )
-    if backend not in (None, "reference"):
-        raise ValueError(f"unknown aggregation backend {backend!r}; valid backends: reference")
-    return local_aggregate_reference(x, weight, kernel_size, stride)
+    impl = AGGREGATE.choose(x, backend)
+    return impl.fn(x, weight, kernel_size, stride)

@@ -17,6 +17,8 @@ register_backend(
     Backend("reference", local_attention_reference, _always, priority=0, description="unfold-based (official-style)")
 )
 
+from . import _backends  # noqa: E402, F401  (registers the fast backends)
+
 
 def local_attention(
     q: torch.Tensor,

@@ -1,1 +1,71 @@
-"""Fast local-attention backends; each module registers itself with :mod:`acmix.ops._dispatch`."""
+"""Fast local-attention backends, registered with :mod:`acmix.ops._dispatch` on import.
+
+| name       | where                | idea                                                                      |
+|------------|----------------------|---------------------------------------------------------------------------|
+| ``flex``   | CUDA (compiled)      | FlexAttention over the flattened map: 2-D window ``mask_mod``,            |
+|            |                      | ``log(multiplicity)`` ``score_mod``                                       |
+| ``tiled``  | any device (default  | halo tiles of queries + one fused SDPA call with a log-multiplicity bias  |
+|            | on CPU)              |                                                                           |
+| ``offset`` | any device           | offset-by-offset loop, recomputing backward (leanest memory)              |
+
+SAN's patchwise aggregation has its own registry (``offset``, then the unfold ``reference``).
+
+The unfold ``reference`` (priority 0) is registered by :mod:`acmix.ops.local_attention`. ``torch.compile`` of the
+offset loop was measured and dropped: on the 2-core CPU at B = 8, C = 64, 56 x 56 it compiled for ~170 s and then
+ran forward + backward in ~405 ms, against ~170 ms for ``tiled`` with no compile step (docs/deviations.md).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._dispatch import AGGREGATE, Backend, register_backend
+from .aggregate import local_aggregate_offset
+from .flex import can_run_flex, local_attention_flex
+from .offset import local_attention_offset
+from .tiled import local_attention_tiled
+
+
+def _any(q: torch.Tensor) -> tuple[bool, str]:
+    return True, ""
+
+
+register_backend(
+    Backend(
+        "flex",
+        local_attention_flex,
+        can_run_flex,
+        priority=40,
+        description="FlexAttention, 2-D window mask_mod + log-multiplicity score_mod (compiled, CUDA)",
+    )
+)
+register_backend(
+    Backend(
+        "tiled",
+        local_attention_tiled,
+        _any,
+        priority=30,
+        description="halo tiles + fused SDPA with a log-multiplicity bias (default on CPU)",
+    )
+)
+register_backend(
+    Backend(
+        "offset",
+        local_attention_offset,
+        _any,
+        priority=10,
+        description="offset-by-offset loop with a recomputing backward (leanest memory, slow)",
+    )
+)
+
+AGGREGATE.register(
+    Backend(
+        "offset",
+        local_aggregate_offset,
+        _any,
+        priority=10,
+        description="offset-by-offset fused multiply-add, no k^2 unfold (default)",
+    )
+)
+
+__all__ = ["local_aggregate_offset", "local_attention_flex", "local_attention_offset", "local_attention_tiled"]
