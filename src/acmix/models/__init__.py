@@ -17,6 +17,8 @@ from ._loading import (
 )
 from ._meta import PAPER_TABLE, PaperRow, paper_row
 from ._registry_check import ACMIX_ENTRYPOINTS, acmix_cfg, register_acmix_model
+from .resnet import ResNet
+from .swin import SwinTransformer
 
 __all__ = [
     "ACMIX_ENTRYPOINTS",
@@ -24,6 +26,8 @@ __all__ = [
     "LoadReport",
     "OfficialWeightsMixin",
     "PaperRow",
+    "ResNet",
+    "SwinTransformer",
     "acmix_cfg",
     "build_acmix_model",
     "extract_state_dict",

@@ -1,0 +1,228 @@
+"""ResNet-26/38/50 in the SAN/SASA layout, with a 3 x 3 convolution or ACmix as the bottleneck's spatial mixer.
+
+Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022 (arXiv 2111.14556); the ResNet variant
+follows the released ``ResNet/ResNet_ImageNet.py`` of LeapLabTHU/ACmix (written anew): torchvision v1.5 bottleneck
+(stride on the 3 x 3 position), 7 x 7/2 stem + 3 x 3/2 max-pool, widths 64/128/256/512, expansion 4, depths
+[1, 2, 4, 1] / [2, 3, 5, 2] / [3, 4, 6, 3] (paper.md 4.4); ACmix replaces the bottleneck's 3 x 3 conv by
+``ACmix(width, width, stride=s)``.
+
+The class is timm's :class:`timm.models.resnet.ResNet` with a bottleneck whose mixer is one argument
+(``mixer="conv" | "acmix"``), so baseline and ACmix differ in exactly that, and every timm feature (features_only,
+forward_intermediates, grad checkpointing, drop_path_rate...) works. ``resnet50_san`` is architecturally timm's
+``resnet50``: their state dicts are interchangeable. Official ``ACmix_ResNet`` state dicts load through
+:func:`checkpoint_filter_fn`.
+
+Deviations (docs/deviations.md): ``zero_init_last`` is off (the official code does not zero-init residual BNs);
+Kaiming init is applied per projection of the fused q/k/v conv, reproducing the official three separate convs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.models import generate_default_cfgs
+from timm.models.resnet import Bottleneck as _TimmBottleneck
+from timm.models.resnet import ResNet as _TimmResNet
+
+from ..layers import ACmix, convert_official_state_dict
+from ._loading import OfficialWeightsMixin, build_acmix_model, register_checkpoint_filter
+from ._registry_check import acmix_cfg, register_acmix_model
+
+__all__ = ["MIXERS", "MixerBottleneck", "ResNet", "checkpoint_filter_fn"]
+
+#: spatial mixers the bottleneck accepts
+MIXERS = ("conv", "acmix")
+
+
+class MixerBottleneck(_TimmBottleneck):
+    """timm's (torchvision v1.5) bottleneck whose 3 x 3 position is a convolution or an ACmix layer.
+
+    Args:
+        inplanes, planes, stride, downsample: as in :class:`timm.models.resnet.Bottleneck`.
+        mixer: ``"conv"`` (3 x 3 convolution, the plain bottleneck) or ``"acmix"`` (``ACmix(width, width, stride)``).
+        mixer_kwargs: keyword arguments for :class:`acmix.ACmix` (``num_heads``, ``attn_kernel_size``, ``mix``...).
+        **kwargs: the remaining :class:`timm.models.resnet.Bottleneck` arguments.
+
+    Shape:
+        input (B, inplanes, H, W) -> output (B, 4 * planes, ceil(H / stride), ceil(W / stride)).
+    """
+
+    def __init__(
+        self,
+        inplanes: int,
+        planes: int,
+        stride: int = 1,
+        downsample: nn.Module | None = None,
+        *,
+        mixer: str = "conv",
+        mixer_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(inplanes, planes, stride, downsample, **kwargs)
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        self.mixer = mixer
+        if mixer == "acmix":
+            conv = self.conv2
+            assert isinstance(conv, nn.Conv2d)
+            if conv.groups != 1 or conv.dilation != (1, 1) or not isinstance(self.aa, nn.Identity):
+                raise ValueError(
+                    "mixer='acmix' needs cardinality 1, dilation 1 (output_stride 32) and no anti-aliasing, got "
+                    f"groups={conv.groups}, dilation={conv.dilation}, aa={type(self.aa).__name__}"
+                )
+            layer = ACmix(conv.in_channels, conv.out_channels, stride=stride, **(mixer_kwargs or {}))
+            self.conv2 = layer.to(device=conv.weight.device, dtype=conv.weight.dtype)  # type: ignore[assignment]
+
+
+def _kaiming(weight: torch.Tensor) -> None:
+    nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+
+
+class ResNet(OfficialWeightsMixin, _TimmResNet):
+    """SAN/SASA-layout ResNet whose bottleneck mixer is a 3 x 3 convolution or ACmix.
+
+    Args:
+        layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
+        mixer: ``"conv"`` (baseline ResNet) or ``"acmix"`` (ACmix-ResNet).
+        mixer_kwargs: forwarded to every :class:`acmix.ACmix` (e.g. ``{"mix": "attn"}`` for a pure local
+            self-attention ResNet, ``{"shift_init": True}`` to keep the paper's shift initialisation).
+        zero_init_last: zero-init the last BN of each block (timm's default; off here as in the official code).
+        **kwargs: any other :class:`timm.models.resnet.ResNet` argument (``num_classes``, ``in_chans``,
+            ``drop_path_rate``, ``global_pool``...).
+
+    Initialisation follows the released code: ``kaiming_normal_(fan_out, relu)`` on every convolution weight,
+    including inside ACmix (q, k and v each as its own C x C conv, the position conv, the FC and the group conv, whose
+    shift initialisation is thereby overwritten). ``mixer_kwargs={"shift_init": True}`` keeps the shift kernels.
+
+    Shape:
+        input (B, in_chans, H, W) -> logits (B, num_classes); features (B, 2048, ceil(H / 32), ceil(W / 32)).
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[int] = (3, 4, 6, 3),
+        mixer: str = "conv",
+        mixer_kwargs: dict[str, Any] | None = None,
+        *,
+        zero_init_last: bool = False,
+        block: type[nn.Module] = MixerBottleneck,
+        block_args: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if mixer not in MIXERS:
+            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
+        mixer_kwargs = dict(mixer_kwargs or {})
+        self.keep_shift_init = bool(mixer_kwargs.pop("shift_init", False))
+        mixer_kwargs["shift_init"] = self.keep_shift_init
+        block_args = dict(block_args or {}, mixer=mixer, mixer_kwargs=mixer_kwargs)
+        self.mixer = mixer
+        super().__init__(
+            block=block,  # type: ignore[arg-type]
+            layers=tuple(layers),
+            zero_init_last=zero_init_last,
+            block_args=block_args,
+            **kwargs,
+        )
+
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """timm's ResNet init (Kaiming fan_out on every Conv2d), then the official init of each ACmix layer."""
+        super().init_weights(zero_init_last=zero_init_last)
+        with torch.no_grad():
+            for m in self.modules():
+                if not isinstance(m, ACmix):
+                    continue
+                for w in m.qkv.weight.chunk(3, dim=0):  # official: three separate C x C convs (fan_out = C)
+                    _kaiming(w)
+                if m.shift_weight is not None and m.shift_weight.requires_grad:
+                    if getattr(self, "keep_shift_init", False):
+                        from ..ops import shift_kernels
+
+                        m.shift_weight.copy_(shift_kernels(m.conv_kernel_size).expand_as(m.shift_weight))
+                    else:
+                        _kaiming(m.shift_weight)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """None: the released ResNet recipe decays every parameter, alpha and beta included (paper.md 5)."""
+        return set()
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Map an official ``ACmix_ResNet`` (or torchvision/timm/SAN ResNet) state dict onto :class:`ResNet`.
+
+    Only the ACmix layers have other names in the official code (conv1/conv2/conv3/conv_p/fc/dep_conv/rate1/rate2);
+    they are rewritten to this library's names. A ``'module.'`` prefix is removed.
+    """
+    state = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    for name, module in model.named_modules():
+        if isinstance(module, ACmix):
+            convert_official_state_dict(state, f"{name}.", module)
+    return state
+
+
+register_checkpoint_filter(ResNet, checkpoint_filter_fn)
+
+
+def _create(variant: str, pretrained: bool = False, **kwargs: Any) -> ResNet:
+    model: ResNet = build_acmix_model(ResNet, variant, pretrained, **kwargs)
+    return model
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return acmix_cfg(first_conv="conv1", classifier="fc", interpolation="bilinear", **kwargs)
+
+
+_SAN_NOTE = "ResNet baseline of SAN/ACmix (Zhao et al. CVPR 2020, SAN recipe); architecture of timm's resnet"
+
+default_cfgs = generate_default_cfgs(
+    {
+        "acmix_resnet26": _cfg(),
+        "acmix_resnet38": _cfg(),
+        "acmix_resnet50": _cfg(),
+        "resnet26_san": _cfg(description=_SAN_NOTE),
+        "resnet38_san": _cfg(description=_SAN_NOTE),
+        "resnet50_san": _cfg(description=_SAN_NOTE),
+    }
+)
+
+_DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
+
+
+@register_acmix_model
+def acmix_resnet26(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ACmix-ResNet-26 (depths [1, 2, 4, 1]); paper: 10.6 M params, 2.3 GMACs, 76.1 % top-1."""
+    return _create("acmix_resnet26", pretrained, **dict(dict(layers=_DEPTHS[26], mixer="acmix"), **kwargs))
+
+
+@register_acmix_model
+def acmix_resnet38(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ACmix-ResNet-38 (depths [2, 3, 5, 2]); paper: 14.6 M params, 2.9 GMACs, 77.4 % top-1."""
+    return _create("acmix_resnet38", pretrained, **dict(dict(layers=_DEPTHS[38], mixer="acmix"), **kwargs))
+
+
+@register_acmix_model
+def acmix_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ACmix-ResNet-50 (depths [3, 4, 6, 3]); paper: 18.6 M params, 3.6 GMACs, 77.8 % top-1."""
+    return _create("acmix_resnet50", pretrained, **dict(dict(layers=_DEPTHS[50], mixer="acmix"), **kwargs))
+
+
+@register_acmix_model
+def resnet26_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-26 baseline (depths [1, 2, 4, 1], 3 x 3 conv); SAN README: 13.7 M, 2.4 GMACs, 73.6 % top-1."""
+    return _create("resnet26_san", pretrained, **dict(dict(layers=_DEPTHS[26], mixer="conv"), **kwargs))
+
+
+@register_acmix_model
+def resnet38_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-38 baseline (depths [2, 3, 5, 2], 3 x 3 conv); SAN README: 19.6 M, 3.2 GMACs, 76.0 % top-1."""
+    return _create("resnet38_san", pretrained, **dict(dict(layers=_DEPTHS[38], mixer="conv"), **kwargs))
+
+
+@register_acmix_model
+def resnet50_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
+    """ResNet-50 baseline (depths [3, 4, 6, 3], 3 x 3 conv), timm's resnet50 architecture; 25.6 M, 4.1 GMACs."""
+    return _create("resnet50_san", pretrained, **dict(dict(layers=_DEPTHS[50], mixer="conv"), **kwargs))
