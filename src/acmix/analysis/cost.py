@@ -35,10 +35,12 @@ __all__ = [
     "CostItem",
     "acmix_cost",
     "conv_cost",
+    "conv_path_items",
     "linear_cost",
     "local_attention_cost",
     "mlp_cost",
     "out_size",
+    "san_attention_cost",
     "spatial_reduction_attention_cost",
     "stage_ratio",
     "stage_ratio_table",
@@ -375,31 +377,65 @@ def acmix_cost(
     if use_attn:
         items.extend(_attention_items(c_out, ho * wo, attn_kernel_size * attn_kernel_size, visible=False))
     # convolution path
-    fc_params = 3 * num_heads * k2 + (k2 if fc_bias else 0)
     shift_params = {"group": c_out * k2 * k2, "learnable": hd * k2 * k2, "frozen": hd * k2 * k2}.get(shift_mode, 0)
-    if conv_impl == "fused" and shift_mode != "tensor":
-        items.append(_item(Component.FC, STAGE_II, fc_params, 0))
-        if use_conv:
-            items.append(_item(Component.SHIFT_CONV, STAGE_II, shift_params, 3 * num_heads * k2 * c_out * ho * wo))
-            compose = c_out * k2 * k2 * 3 * num_heads + (c_out * k2 * k2 if fc_bias else 0)
-            items.append(_item(Component.FUSED_WEIGHT, STAGE_II, 0, compose))
-            if fc_bias:  # the bias map: a depthwise k_c x k_c conv of a ones map
-                items.append(_item(Component.FUSED_WEIGHT, STAGE_II, 0, c_out * k2 * ho * wo))
-        else:
-            items.append(_item(Component.SHIFT_CONV, STAGE_II, shift_params, 0))
-    else:
-        items.append(_item(Component.FC, STAGE_II, fc_params, 3 * k2 * c_out * h * w if use_conv else 0))
-        if shift_mode == "tensor":
-            items.append(
-                _item(Component.SHIFT_CONV, STAGE_II, 0, k2 * c_out * ho * wo if use_conv else 0, counter_visible=False)
-            )
-        else:
-            items.append(
-                _item(Component.SHIFT_CONV, STAGE_II, shift_params, k2 * k2 * c_out * ho * wo if use_conv else 0)
-            )
+    items.extend(
+        conv_path_items(
+            c_out, 3 * num_heads, hd, conv_kernel_size, h * w, ho * wo, fc_bias=fc_bias, conv_impl=conv_impl,
+            shift_params=shift_params, tensor_shift=shift_mode == "tensor", used=use_conv,
+        )
+    )  # fmt: skip
     if mix == "learned":
         items.append(_item(Component.MIX, STAGE_II, 2, 0))
     return Cost(tuple(items))
+
+
+def conv_path_items(
+    c_out: int,
+    num_maps: int,
+    head_dim: int,
+    kernel_size: int,
+    pixels_in: int,
+    pixels_out: int,
+    *,
+    fc_bias: bool = False,
+    conv_impl: str = "reference",
+    shift_params: int | None = None,
+    tensor_shift: bool = False,
+    used: bool = True,
+) -> list[CostItem]:
+    """The ACmix convolution path (Fig. 2 bottom, Fig. 3) over ``num_maps`` head maps of ``head_dim`` channels.
+
+    Reference order: FC M -> k_c^2 shared over head_dim and pixels (k_c^2 * M * head_dim MACs per input pixel; for
+    M = 3N, head_dim = C / N this is 3 k_c^2 C), then the group conv C_out x k_c^2 x k_c x k_c with groups =
+    head_dim (k_c^4 * C_out per output pixel). Fused (:func:`acmix.ops.conv_path`): one grouped conv
+    M * head_dim -> C_out, M * k_c^2 * C_out per output pixel, plus composing its weight once per forward
+    (and, with an FC bias, its bias map: a depthwise k_c x k_c conv of ones). ``used=False``: parameters only.
+    ``shift_params`` defaults to the c-III kernel C_out * k_c^4; ``tensor_shift`` is Fig. 3 (a): k_c^2 * C_out adds.
+    """
+    k2 = kernel_size * kernel_size
+    fc_params = num_maps * k2 + (k2 if fc_bias else 0)
+    shift_params = c_out * k2 * k2 if shift_params is None else shift_params
+    u = 1 if used else 0
+    if tensor_shift:
+        return [
+            _item(Component.FC, STAGE_II, fc_params, u * k2 * num_maps * head_dim * pixels_in),
+            _item(Component.SHIFT_CONV, STAGE_II, 0, u * k2 * c_out * pixels_out, counter_visible=False),
+        ]
+    if conv_impl == "reference":
+        return [
+            _item(Component.FC, STAGE_II, fc_params, u * k2 * num_maps * head_dim * pixels_in),
+            _item(Component.SHIFT_CONV, STAGE_II, shift_params, u * k2 * k2 * c_out * pixels_out),
+        ]
+    if conv_impl != "fused":
+        raise ValueError(f"conv_impl must be 'reference' or 'fused', got {conv_impl!r}")
+    items = [
+        _item(Component.FC, STAGE_II, fc_params, 0),
+        _item(Component.SHIFT_CONV, STAGE_II, shift_params, u * num_maps * k2 * c_out * pixels_out),
+        _item(Component.FUSED_WEIGHT, STAGE_II, 0, u * c_out * k2 * k2 * num_maps),
+    ]
+    if fc_bias:
+        items.append(_item(Component.FUSED_WEIGHT, STAGE_II, 0, u * (c_out * k2 * k2 + c_out * k2 * pixels_out)))
+    return items
 
 
 def window_attention_cost(
@@ -414,6 +450,8 @@ def window_attention_cost(
     acmix: bool = False,
     conv_kernel_size: int = 3,
     fc_bias: bool = True,
+    conv_impl: str = "reference",
+    mix: str = "learned",
 ) -> Cost:
     """Swin (shifted-)window attention W-MSA on an H x W map (+ the ACmix conv path, paper.md 2.3).
 
@@ -422,7 +460,8 @@ def window_attention_cost(
     token each; relative position bias table (2M - 1)^2 * N params. Output projection N * head_dim -> C
     (``out_proj``, stage "-": Table 1 has none). ACmix adds (on the unpadded map, as the official code): FC
     3N -> k_c^2 (+ bias) at 3 * k_c^2 * C MACs per pixel and the group conv C x k_c^2 x k_c x k_c at
-    k_c^4 * C per pixel (Swin ``flops()`` additions 3 * dim * HW * 9 + 81 * dim * HW), alpha and beta.
+    k_c^4 * C per pixel (Swin ``flops()`` additions 3 * dim * HW * 9 + 81 * dim * HW), alpha and beta;
+    ``conv_impl`` and ``mix`` as :func:`acmix_cost` (``mix="conv"`` skips the windows and ``proj``).
     """
     mh, mw = (window_size, window_size) if isinstance(window_size, int) else window_size
     _check_pos(dim=dim, num_heads=num_heads, mh=mh, mw=mw, h=h, w=w)
@@ -430,26 +469,32 @@ def window_attention_cost(
     inner = num_heads * hd
     hp, wp = -(-h // mh) * mh, -(-w // mw) * mw
     tokens, m2 = hp * wp, mh * mw
+    attn = not acmix or mix != "conv"
     items = [
         _item(
             Component.PROJECTION, STAGE_I, 3 * dim * inner + (3 * inner if qkv_bias else 0), 3 * dim * inner * tokens
         ),
         _item(Component.REL_POS, STAGE_II, (2 * mh - 1) * (2 * mw - 1) * num_heads, 0),
-        *_attention_items(inner, tokens, m2, visible=True),
-        _item(Component.OUT_PROJ, NO_STAGE, inner * dim + dim, inner * dim * tokens),
+        _item(Component.OUT_PROJ, NO_STAGE, inner * dim + dim, inner * dim * tokens if attn else 0),
     ]
+    if attn:
+        items.extend(_attention_items(inner, tokens, m2, visible=True))
     if acmix:
-        items.extend(_acmix_token_conv_path(dim, num_heads, h * w, conv_kernel_size, fc_bias))
+        items.extend(_acmix_host_conv_path(dim, num_heads, h * w, conv_kernel_size, fc_bias, conv_impl, mix))
     return Cost(tuple(items))
 
 
-def _acmix_token_conv_path(dim: int, num_heads: int, pixels: int, kc: int, fc_bias: bool) -> list[CostItem]:
-    k2 = kc * kc
-    return [
-        _item(Component.FC, STAGE_II, 3 * num_heads * k2 + (k2 if fc_bias else 0), 3 * k2 * dim * pixels),
-        _item(Component.SHIFT_CONV, STAGE_II, dim * k2 * k2, k2 * k2 * dim * pixels),
-        _item(Component.MIX, STAGE_II, 2, 0),
-    ]
+def _acmix_host_conv_path(
+    dim: int, num_heads: int, pixels: int, kc: int, fc_bias: bool, conv_impl: str, mix: str
+) -> list[CostItem]:
+    """The transformer-host conv path (Swin, PVT): 3N head maps of dim / N channels, stride 1, alpha / beta."""
+    items = conv_path_items(
+        dim, 3 * num_heads, dim // num_heads, kc, pixels, pixels, fc_bias=fc_bias, conv_impl=conv_impl,
+        used=mix != "attn",
+    )  # fmt: skip
+    if mix == "learned":
+        items.append(_item(Component.MIX, STAGE_II, 2, 0))
+    return items
 
 
 def spatial_reduction_attention_cost(
@@ -464,14 +509,16 @@ def spatial_reduction_attention_cost(
     acmix: bool = False,
     conv_kernel_size: int = 3,
     fc_bias: bool = True,
+    conv_impl: str = "reference",
 ) -> Cost:
     """PVT spatial-reduction attention (SRA, paper.md 4.3) on H x W tokens (+ ``extra_tokens``, e.g. a cls token).
 
     q: Linear C -> C on all L = HW + extra tokens (Stage I). With sr_ratio R > 1, keys and values come from a
-    R x R / R conv (C^2 R^2 params, C^2 MACs per reduced pixel) + LayerNorm (``spatial_reduction``), on
-    L' = (H // R)(W // R) tokens; kv: Linear C -> 2C on L' tokens (Stage I). Logits and aggregation L' * C per
-    query each (Stage II); output projection C -> C. ``acmix=True`` adds the Swin-style conv path on the H x W
-    map (FC 3N -> k_c^2 and the C x k_c^2 x k_c x k_c group conv, paper.md 4.3), alpha and beta.
+    R x R / R conv (C^2 R^2 params and MACs per reduced pixel: C^2 per input pixel) + LayerNorm
+    (``spatial_reduction``), on L' = (H // R)(W // R) tokens; kv: Linear C -> 2C on L' tokens (Stage I).
+    Logits and aggregation L' * C per query each (Stage II); output projection C -> C. ``acmix=True`` adds the
+    Swin-style conv path on the H x W map (FC 3N -> k_c^2 and the C x k_c^2 x k_c x k_c group conv, paper.md 4.3),
+    alpha and beta.
     """
     _check_pos(dim=dim, num_heads=num_heads, h=h, w=w, sr_ratio=sr_ratio)
     tokens = h * w + extra_tokens
@@ -480,7 +527,12 @@ def spatial_reduction_attention_cost(
     if sr_ratio > 1:
         reduced = (h // sr_ratio) * (w // sr_ratio)
         items.append(
-            _item(Component.SPATIAL_REDUCTION, NO_STAGE, dim * dim * sr_ratio**2 + dim + 2 * dim, dim * dim * reduced)
+            _item(
+                Component.SPATIAL_REDUCTION,
+                NO_STAGE,
+                dim * dim * sr_ratio**2 + dim + 2 * dim,
+                dim * dim * sr_ratio**2 * reduced,
+            )
         )
     else:
         reduced = tokens
@@ -488,7 +540,50 @@ def spatial_reduction_attention_cost(
     items.extend(_attention_items(dim, tokens, reduced, visible=True))
     items.append(_item(Component.OUT_PROJ, NO_STAGE, dim * dim + dim, dim * dim * tokens))
     if acmix:
-        items.extend(_acmix_token_conv_path(dim, num_heads, h * w, conv_kernel_size, fc_bias))
+        items.extend(_acmix_host_conv_path(dim, num_heads, h * w, conv_kernel_size, fc_bias, conv_impl, "learned"))
+    return Cost(tuple(items))
+
+
+def san_attention_cost(
+    dim: int,
+    rel_dim: int,
+    out_dim: int,
+    h: int,
+    w: int,
+    *,
+    share_planes: int = 8,
+    kernel_size: int = 7,
+    sa_type: str = "patchwise",
+    acmix: bool = False,
+    conv_kernel_size: int = 3,
+    conv_impl: str = "reference",
+) -> Cost:
+    """SAN's self-attention module (paper.md 4.2) on an H x W map, stride 1 (+ this project's ACmix conv path).
+
+    Stage I: q, k (rel_dim) and v (out_dim) 1 x 1 projections with bias. Stage II: the weight MLP ``conv_w``
+    (BN-ReLU-1x1 (no bias)-BN-ReLU-1x1) on P pixels, P = HW for patchwise (input rel_dim (k^2 + 1), output
+    k^2 out_dim / share_planes) and k^2 HW for pairwise (input rel_dim + 2, plus the 2 -> 2 ``conv_p`` on the
+    coordinate map), counted as ``attn_logits``; the aggregation of v, k^2 * out_dim per pixel. ACmix adds the conv
+    path over M = (2 rel_dim + out_dim) / head_dim head maps, head_dim = out_dim / share_planes (FC without bias,
+    group conv out_dim x k_c^2 x k_c x k_c), and alpha, beta (acmix.layers.acmix_san).
+    """
+    _check_pos(dim=dim, rel_dim=rel_dim, out_dim=out_dim, h=h, w=w, share_planes=share_planes)
+    if sa_type not in ("patchwise", "pairwise"):
+        raise ValueError(f"sa_type must be 'patchwise' or 'pairwise', got {sa_type!r}")
+    k2, hw, wc = kernel_size * kernel_size, h * w, out_dim // share_planes
+    c_qkv = 2 * rel_dim + out_dim
+    items = [_item(Component.PROJECTION, STAGE_I, dim * c_qkv + c_qkv, dim * c_qkv * hw)]
+    if sa_type == "patchwise":
+        w_in, w_mid, w_out, pix = rel_dim * (k2 + 1), wc, k2 * wc, hw
+    else:
+        w_in, w_mid, w_out, pix = rel_dim + 2, rel_dim, wc, k2 * hw
+        items.append(_item(Component.REL_POS, STAGE_II, 6, 4 * hw))
+    mlp_params = w_in * w_mid + w_mid * w_out + w_out + 2 * (w_in + w_mid)
+    items.append(_item(Component.ATTN_LOGITS, STAGE_II, mlp_params, (w_in * w_mid + w_mid * w_out) * pix))
+    items.append(_item(Component.ATTN_AGGREGATION, STAGE_II, 0, k2 * out_dim * hw, counter_visible=False))
+    if acmix:
+        items.extend(conv_path_items(out_dim, c_qkv // wc, wc, conv_kernel_size, hw, hw, conv_impl=conv_impl))
+        items.append(_item(Component.MIX, STAGE_II, 2, 0))
     return Cost(tuple(items))
 
 

@@ -1,7 +1,8 @@
 """Cross-check of the analytic MACs with ``torch.utils.flop_counter.FlopCounterMode``.
 
 FlopCounterMode counts the operators that have a registered formula: convolutions (grouped too), ``mm`` /
-``addmm`` / ``bmm`` (so Linear layers and matmul / einsum attention) and scaled-dot-product attention. It reports
+``addmm`` / ``bmm`` (so Linear layers and matmul / einsum attention) and scaled-dot-product attention on the kernels
+it knows (it has no formula for the fused CPU flash kernel, so counting runs SDPA on its math kernel). It reports
 FLOPs = 2 x MACs; this module halves them. What it **cannot see** (:data:`COUNTER_BLIND`):
 
 - the unfold-based local attention of ACmix / SASA / SAN: ``unfold`` copies and the elementwise products and sums
@@ -16,15 +17,18 @@ and reports the blind part separately.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from .walk import ModelCost, walk
+from .walk import ModelCost, reference_attention, walk
 
 __all__ = ["COUNTER_BLIND", "CrossCheck", "counter_macs", "cross_check"]
 
@@ -39,9 +43,19 @@ COUNTER_BLIND = (
 
 
 def counter_macs(
-    model: nn.Module, input_size: int | tuple[int, int] = 224, *, in_chans: int = 3, fake: bool = True
+    model: nn.Module,
+    input_size: int | tuple[int, int] = 224,
+    *,
+    in_chans: int = 3,
+    fake: bool = True,
+    reference_attention_backend: bool = True,
 ) -> tuple[int, dict[str, int]]:
     """FlopCounterMode MACs (FLOPs / 2) of one forward on a (1, in_chans, H, W) input.
+
+    Args:
+        reference_attention_backend: run acmix's local attention on its ``"reference"`` backend while counting (the
+            formulation the analytic count describes). Faster backends (``tiled``, ``flex``) compute the attention
+            with matmuls over padded tiles, which the counter sees, tile padding included.
 
     Returns:
         (total MACs, ``{module name: MACs}``) with module names relative to ``model`` (``""`` for the root),
@@ -49,6 +63,7 @@ def counter_macs(
     """
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     counter = FlopCounterMode(display=False)
+    scope = _counting_scope(model, reference_attention_backend)
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -57,15 +72,16 @@ def counter_macs(
             from torch._subclasses.fake_tensor import FakeTensorMode
 
             try:
-                with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), counter:
+                with FakeTensorMode(allow_non_fake_inputs=True), torch.no_grad(), scope, counter:
                     model(torch.empty(1, in_chans, h, w))
                 ran = True
             except Exception as exc:  # noqa: BLE001 - fall back to real tensors
                 logger.info("fake-tensor count failed (%s); counting a real forward", exc)
                 counter = FlopCounterMode(display=False)
+                scope = _counting_scope(model, reference_attention_backend)
         if not ran:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-            with torch.no_grad(), counter:
+            with torch.no_grad(), scope, counter:
                 model(torch.zeros(1, in_chans, h, w, device=device))
     finally:
         for m, t in training.items():
@@ -139,6 +155,14 @@ def cross_check(
         if abs(analytic - counted) > rel_tol * max(analytic, 1):
             mismatches.append((m.name, analytic, counted))
     return CrossCheck(mc.name, mc.macs, visible, mc.macs - visible, total, mismatches)
+
+
+@contextlib.contextmanager
+def _counting_scope(model: nn.Module, reference_backend: bool) -> Iterator[None]:
+    """SDPA on its math kernel (the counter has no formula for the fused CPU kernels) and, optionally, acmix's
+    reference local attention."""
+    with sdpa_kernel([SDPBackend.MATH]), reference_attention(model) if reference_backend else contextlib.nullcontext():
+        yield
 
 
 def _first_in_chans(model: nn.Module) -> int:

@@ -17,9 +17,11 @@ a stage, or an attention / ACmix module. :meth:`ModelCost.stage_split` sums thei
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,10 +41,22 @@ from .cost import (
     acmix_cost,
     conv_cost,
     linear_cost,
+    san_attention_cost,
+    spatial_reduction_attention_cost,
     window_attention_cost,
 )
 
-__all__ = ["MIXER_KINDS", "RULES", "ModelCost", "ModuleCost", "WalkContext", "register_rule", "stage_of", "walk"]
+__all__ = [
+    "MIXER_KINDS",
+    "RULES",
+    "Call",
+    "ModelCost",
+    "ModuleCost",
+    "WalkContext",
+    "register_rule",
+    "stage_of",
+    "walk",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -56,13 +70,36 @@ Shape = tuple[int, ...]
 
 @dataclass(frozen=True)
 class WalkContext:
-    """Counting options. ``proj_at``: count strided projections at ``"input"`` (as built) or ``"output"``."""
+    """Counting options.
+
+    Attributes:
+        proj_at: count strided projections at ``"input"`` (as built) or ``"output"`` resolution.
+        conv_impl: count ACmix conv paths as ``"reference"`` (FC + group conv, the paper's formulation) or
+            ``"fused"`` (one grouped conv); ``None`` counts what each module is built to run.
+    """
 
     proj_at: ProjAt = "input"
+    conv_impl: str | None = None
 
 
-#: rule(module, input_shape, output_shape, ctx) -> (kind, cost); ``None`` shapes when the module never ran
-Rule = Callable[[nn.Module, Shape | None, Shape | None, WalkContext], tuple[str, Cost]]
+@dataclass(frozen=True)
+class Call:
+    """One recorded forward call: first tensor input / output shapes, and the arguments (tensors as shapes)."""
+
+    input_shape: Shape
+    output_shape: Shape | None
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        """Positional argument ``index`` (0 = the first input) or keyword ``name``."""
+        if name in self.kwargs:
+            return self.kwargs[name]
+        return self.args[index] if index < len(self.args) else default
+
+
+#: rule(module, call or None when the module never ran, ctx) -> (kind, cost)
+Rule = Callable[[nn.Module, Call | None, WalkContext], tuple[str, Cost]]
 RULES: dict[type, Rule] = {}
 
 
@@ -87,32 +124,34 @@ def _own_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def _ran(cost: Cost, call: Call | None) -> Cost:
+    return cost if call is not None else cost.with_macs_scaled(0)
+
+
 # ---------------------------------------------------------------------------------------------------- rules
 @register_rule(nn.Conv2d)
-def _conv_rule(m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext) -> tuple[str, Cost]:
+def _conv_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
     assert isinstance(m, nn.Conv2d)
     kh, kw = m.kernel_size
-    h, w = (shape_in[-2], shape_in[-1]) if shape_in else (1, 1)
-    out_hw = (shape_out[-2], shape_out[-1]) if shape_out else None
+    h, w = (call.input_shape[-2], call.input_shape[-1]) if call else (1, 1)
+    out_hw = (call.output_shape[-2], call.output_shape[-1]) if call and call.output_shape else None
     # a mixer position: k x k, ungrouped, overlapping windows (not a patch embedding); the stage is checked later
     mixer = max(kh, kw) > 1 and m.groups == 1 and max(m.stride) < max(kh, kw)
     cost = conv_cost(
         m.in_channels, m.out_channels, (kh, kw), h, w, stride=(m.stride[0], m.stride[1]), groups=m.groups,
         bias=m.bias is not None, decompose=mixer, out_hw=out_hw,
     )  # fmt: skip
-    if shape_in is None:
-        cost = cost.with_macs_scaled(0)
-    return ("conv_kxk" if mixer else "conv"), cost
+    return ("conv_kxk" if mixer else "conv"), _ran(cost, call)
 
 
 @register_rule(nn.Linear)
-def _linear_rule(m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext) -> tuple[str, Cost]:
+def _linear_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
     assert isinstance(m, nn.Linear)
-    tokens = 0 if shape_in is None else _prod(shape_in[:-1])
+    tokens = 0 if call is None else _prod(call.input_shape[:-1])
     return "linear", linear_cost(m.in_features, m.out_features, tokens, bias=m.bias is not None)
 
 
-def _norm_rule(m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext) -> tuple[str, Cost]:
+def _norm_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
     return "norm", Cost((CostItem(Component.NORM, NO_STAGE, _own_params(m), 0),))
 
 
@@ -121,42 +160,97 @@ for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.Syn
 
 
 @register_rule(ACmix)
-def _acmix_rule(m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext) -> tuple[str, Cost]:
+def _acmix_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
     assert isinstance(m, ACmix)
-    h, w = (shape_in[-2], shape_in[-1]) if shape_in else (1, 1)
+    h, w = (call.input_shape[-2], call.input_shape[-1]) if call else (1, 1)
     cost = acmix_cost(
         m.dim, m.dim_out, h, w, stride=m.stride, num_heads=m.num_heads, attn_kernel_size=m.attn_kernel_size,
         conv_kernel_size=m.conv_kernel_size, qkv_bias=m.qkv.bias is not None, fc_bias=m.fc.bias is not None,
-        use_rel_pos=m.pos_proj is not None, shift_mode=m.shift_mode, mix=m.mix, conv_impl=m.conv_impl,
+        use_rel_pos=m.pos_proj is not None, shift_mode=m.shift_mode, mix=m.mix, conv_impl=ctx.conv_impl or m.conv_impl,
         proj_at=ctx.proj_at,
     )  # fmt: skip
-    if shape_in is None:
-        cost = cost.with_macs_scaled(0)
-    return ("local_attention" if m.mix == "attn" else "acmix"), cost
+    return ("local_attention" if m.mix == "attn" else "acmix"), _ran(cost, call)
 
 
-def _timm_window_attention_rule(
-    m: nn.Module, shape_in: Shape | None, shape_out: Shape | None, ctx: WalkContext
-) -> tuple[str, Cost]:
+def _timm_window_attention_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
     """timm ``WindowAttention``: input (num_windows * B, M*M, C) tokens."""
-    qkv, proj = m.qkv, m.proj
-    assert isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear)
+    qkv = m.qkv
+    assert isinstance(qkv, nn.Linear)
     ws = tuple(getattr(m, "window_size", (7, 7)))
-    dim, heads = qkv.in_features, int(getattr(m, "num_heads", 1))
-    windows = shape_in[0] if shape_in else 0
+    heads = int(getattr(m, "num_heads", 1))
+    windows = call.input_shape[0] if call else 0
     cost = window_attention_cost(
-        dim, heads, (ws[0], ws[1]), ws[0], ws[1], head_dim=qkv.out_features // (3 * heads),
+        qkv.in_features, heads, (ws[0], ws[1]), ws[0], ws[1], head_dim=qkv.out_features // (3 * heads),
         qkv_bias=qkv.bias is not None,
     ).with_macs_scaled(windows)  # fmt: skip
     return "window_attention", cost
 
 
-try:  # timm is a dependency; the class moved between versions, so look it up defensively
-    from timm.models.swin_transformer import WindowAttention as _TimmWindowAttention
+def _acmix_window_attention_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
+    """acmix ``AcmixWindowAttention``: input the (rolled, padded) map (B, Hp, Wp, C), output (B, H, W, C)."""
+    qkv, fc = m.qkv, m.fc
+    assert isinstance(qkv, nn.Linear) and isinstance(fc, nn.Conv2d)
+    ws = tuple(getattr(m, "window_size", (7, 7)))
+    heads = int(getattr(m, "num_heads", 1))
+    out = call.output_shape if call and call.output_shape else None
+    h, w = (out[1], out[2]) if out else (ws[0], ws[1])
+    cost = window_attention_cost(
+        qkv.in_features, heads, (ws[0], ws[1]), h, w, head_dim=qkv.out_features // (3 * heads),
+        qkv_bias=qkv.bias is not None, acmix=True, conv_kernel_size=int(getattr(m, "conv_kernel_size", 3)),
+        fc_bias=fc.bias is not None, conv_impl=ctx.conv_impl or str(getattr(m, "conv_impl", "fused")),
+        mix=str(getattr(m, "mix", "learned")),
+    )  # fmt: skip
+    return "acmix_window_attention", _ran(cost, call)
 
-    RULES[_TimmWindowAttention] = _timm_window_attention_rule
-except ImportError:  # pragma: no cover
-    logger.debug("timm WindowAttention not found; Swin attention matmuls will not be counted")
+
+def _sra_rule(mod: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
+    """acmix ``SpatialReductionAttention`` (PVT v1) and its ACmix version: forward(x, feat_size, num_prefix_tokens)."""
+    m: Any = mod  # attributes of a class this module does not import
+    dim, heads, sr = int(m.dim), int(m.num_heads), int(m.sr_ratio)
+    q = m.q
+    assert isinstance(q, nn.Linear)
+    feat = call.arg(1, "feat_size") if call else None
+    h, w = (int(feat[0]), int(feat[1])) if feat is not None else (sr, sr)
+    prefix = int(call.arg(2, "num_prefix_tokens", 0) or 0) if call else 0
+    is_acmix = hasattr(m, "shift_weight")
+    fc = getattr(m, "fc", None)
+    cost = spatial_reduction_attention_cost(
+        dim, heads, h, w, sr_ratio=sr, qkv_bias=q.bias is not None, extra_tokens=prefix, acmix=is_acmix,
+        conv_kernel_size=int(getattr(m, "conv_kernel_size", 3)),
+        fc_bias=isinstance(fc, nn.Conv2d) and fc.bias is not None,
+        conv_impl=ctx.conv_impl or str(getattr(m, "conv_impl", "fused")),
+    )  # fmt: skip
+    return ("acmix_sra" if is_acmix else "sra"), _ran(cost, call)
+
+
+def _san_rule(mod: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
+    """acmix ``SanAttention`` (SAN SAM, patchwise / pairwise) and its ACmix version: input (B, dim, H, W)."""
+    m: Any = mod
+    h, w = (call.input_shape[-2], call.input_shape[-1]) if call else (1, 1)
+    is_acmix = hasattr(m, "shift_weight")
+    cost = san_attention_cost(
+        int(m.dim), int(m.rel_dim), int(m.out_dim), h, w,
+        share_planes=int(m.share_planes), kernel_size=int(m.kernel_size),
+        sa_type=str(m.sa_type), acmix=is_acmix, conv_kernel_size=int(getattr(m, "conv_kernel_size", 3)),
+        conv_impl=ctx.conv_impl or str(getattr(m, "conv_impl", "fused")),
+    )  # fmt: skip
+    return ("acmix" if is_acmix else "san"), _ran(cost, call)
+
+
+def _register_optional(module: str, cls_name: str, rule: Rule) -> None:
+    """Register ``rule`` for ``module.cls_name`` if that class exists (families land independently)."""
+    try:
+        cls = getattr(importlib.import_module(module), cls_name)
+    except (ImportError, AttributeError) as exc:
+        logger.debug("no cost rule for %s.%s (%s)", module, cls_name, exc)
+        return
+    RULES[cls] = rule
+
+
+_register_optional("timm.models.swin_transformer", "WindowAttention", _timm_window_attention_rule)
+_register_optional("acmix.layers.acmix_swin", "AcmixWindowAttention", _acmix_window_attention_rule)
+_register_optional("acmix.layers.acmix_pvt", "SpatialReductionAttention", _sra_rule)
+_register_optional("acmix.layers.acmix_san", "SanAttention", _san_rule)
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -304,6 +398,15 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
+def _describe(x: Any) -> Any:
+    """A call argument for the rules: tensors become their shapes; ints, tuples of ints and the like stay."""
+    if isinstance(x, torch.Tensor):
+        return tuple(x.shape)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_describe(v) for v in x)
+    return x
+
+
 def _in_chans(model: nn.Module) -> int:
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
@@ -313,7 +416,29 @@ def _in_chans(model: nn.Module) -> int:
     return 3
 
 
-def _run_forward(model: nn.Module, x_shape: tuple[int, ...], fake: bool) -> str:
+def _has_acmix_backend(m: nn.Module) -> bool:
+    """An acmix layer with a local-attention ``backend`` option (None or a backend name)."""
+    return type(m).__module__.startswith("acmix.") and isinstance(getattr(m, "backend", 0), (str, type(None)))
+
+
+@contextlib.contextmanager
+def reference_attention(model: nn.Module) -> Iterator[None]:
+    """Run acmix layers on the ``"reference"`` local-attention backend inside the block, restoring their choice.
+
+    The analytic count describes the reference formulation; fast backends may tile, pad or synchronise on data
+    (which fake tensors cannot do), none of which changes the operator's multiply-adds.
+    """
+    saved = {m: m.backend for m in model.modules() if _has_acmix_backend(m)}
+    try:
+        for m in saved:
+            m.backend = "reference"  # type: ignore[assignment]
+        yield
+    finally:
+        for m, b in saved.items():
+            m.backend = b  # type: ignore[assignment]
+
+
+def _run_forward(model: nn.Module, x_shape: tuple[int, ...], fake: bool, on_retry: Callable[[], None]) -> str:
     if fake:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -323,6 +448,7 @@ def _run_forward(model: nn.Module, x_shape: tuple[int, ...], fake: bool) -> str:
             return "fake"
         except Exception as exc:  # noqa: BLE001 - any op without a fake kernel: fall back to real tensors
             logger.info("fake-tensor forward failed (%s: %s); running a real forward", type(exc).__name__, exc)
+            on_retry()
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     with torch.no_grad():
         model(torch.zeros(x_shape, device=device))
@@ -336,6 +462,7 @@ def walk(
     name: str | None = None,
     in_chans: int | None = None,
     proj_at: ProjAt = "input",
+    conv_impl: str | None = None,
     fake: bool = True,
 ) -> ModelCost:
     """Cost every module of a built model on one (1, in_chans, H, W) input.
@@ -346,6 +473,8 @@ def walk(
         name: label for the result (default: the class name).
         in_chans: input channels (default: the first conv's ``in_channels``).
         proj_at: count strided projections at ``"input"`` resolution (as built) or ``"output"`` (paper.md 1.3).
+        conv_impl: ``"reference"`` counts every ACmix conv path as FC + group conv (the paper's formulation,
+            108 C per pixel for k_c = 3 whatever N); ``None`` counts what the modules run (``"fused"``: 3N k_c^2 C).
         fake: trace on fake tensors (no arithmetic); falls back to a real forward if an op cannot run fake.
 
     Returns:
@@ -354,7 +483,9 @@ def walk(
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
     if h < 1 or w < 1:
         raise ValueError(f"input_size must be positive, got {input_size!r}")
-    ctx = WalkContext(proj_at=proj_at)
+    if conv_impl not in (None, "reference", "fused"):
+        raise ValueError(f"conv_impl must be None, 'reference' or 'fused', got {conv_impl!r}")
+    ctx = WalkContext(proj_at=proj_at, conv_impl=conv_impl)
     # choose the costed modules: a module with a rule, not inside another costed module
     costed: list[tuple[str, nn.Module, Rule]] = []
     claimed: list[str] = []
@@ -365,20 +496,35 @@ def walk(
         if rule is not None:
             costed.append((mod_name, mod, rule))
             claimed.append(mod_name)
-    records: dict[str, list[tuple[Shape, Shape | None]]] = {n: [] for n, _, _ in costed}
+    records: dict[str, list[Call]] = {n: [] for n, _, _ in costed}
     handles = []
     for mod_name, mod, _ in costed:
 
-        def hook(m: nn.Module, args: Any, out: Any, _name: str = mod_name) -> None:
+        def hook(m: nn.Module, args: Any, kwargs: Any, out: Any, _name: str = mod_name) -> None:
             t_in, t_out = _first_tensor(args), _first_tensor(out)
+            if t_in is None:
+                t_in = _first_tensor(kwargs)
             if t_in is not None:
-                records[_name].append((tuple(t_in.shape), None if t_out is None else tuple(t_out.shape)))
+                records[_name].append(
+                    Call(
+                        tuple(t_in.shape),
+                        None if t_out is None else tuple(t_out.shape),
+                        tuple(_describe(a) for a in args),
+                        {k: _describe(v) for k, v in kwargs.items()},
+                    )
+                )
 
-        handles.append(mod.register_forward_hook(hook))
+        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     training = {m: m.training for m in model.modules()}
     model.eval()
+
+    def reset() -> None:
+        for calls in records.values():
+            calls.clear()
+
     try:
-        traced = _run_forward(model, (1, in_chans or _in_chans(model), h, w), fake)
+        with reference_attention(model):
+            traced = _run_forward(model, (1, in_chans or _in_chans(model), h, w), fake, reset)
     finally:
         for hd in handles:
             hd.remove()
@@ -397,7 +543,7 @@ def walk(
             seen_stage = True
         calls = records[mod_name]
         if calls:
-            costs = [rule(mod, si, so, ctx) for si, so in calls]
+            costs = [rule(mod, call, ctx) for call in calls]
             kind = costs[0][0]
             cost = Cost.sum(c for _, c in costs[:1])
             # parameters once, MACs of every call
@@ -408,7 +554,7 @@ def walk(
             ]
             cost = cost + Cost(tuple(extra))
         else:
-            kind, cost = rule(mod, None, None, ctx)
+            kind, cost = rule(mod, None, ctx)
         actual = [p for p in mod.parameters() if id(p) not in seen_params]
         seen_params.update(id(p) for p in actual)
         n_actual = sum(p.numel() for p in actual)
@@ -428,8 +574,13 @@ def walk(
                 )
             )
             kind = "conv"
-        first = calls[0] if calls else (None, None)
-        result.modules.append(ModuleCost(mod_name, kind, stage, cost, len(calls), first[0], first[1]))
+        first = calls[0] if calls else None
+        result.modules.append(
+            ModuleCost(
+                mod_name, kind, stage, cost, len(calls), first.input_shape if first else None,
+                first.output_shape if first else None,
+            )
+        )  # fmt: skip
     # parameters of modules without a rule (position embeddings, cls token, unknown layers)
     for mod_name, mod in model.named_modules():
         if any(_inside(mod_name, c) for c in costed_names):
