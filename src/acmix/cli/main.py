@@ -15,7 +15,7 @@ from .._env import configure_logging
 from ..version import __version__
 
 #: subcommand modules under ``acmix.cli``; each has ``register(subparsers) -> None``
-COMMAND_MODULES = ("info", "demo", "cost")
+COMMAND_MODULES = ("info", "demo", "cost", "bench")
 
 
 class UsageError(Exception):

@@ -1,0 +1,556 @@
+"""Forward + backward time and peak memory of the ACmix attention op and its neighbours (``acmix bench op``).
+
+For every shape (B, C, H = W, stride) it measures, in one process and with interleaved repeats so that ratios are
+fair on a shared machine:
+
+* ``attention`` rows, one per local-attention backend (``reference`` is the official-style unfold formulation):
+  the op alone on q, k, v of (B, heads, C / heads, H, W) and a (C / heads, H, W) position map, all requiring grad;
+* ``conv3x3``: a 3 x 3 convolution C -> C (stride, padding 1, no bias), what ACmix replaces in a ResNet;
+* ``proj1x1``: the layer's own three 1 x 1 projections (``ACmix.qkv``, C -> 3C with bias: Stage I);
+* ``acmix``: the whole ACmix layer with its defaults (automatic backend, fused conv path);
+* ``acmix-official``: the whole layer in the official formulation (unfold reference, FC + permute + group conv).
+
+Method: one step = forward, then backward of the output against a fixed random gradient (all input and parameter
+gradients), after ``warmup`` steps; ``repeats`` timed steps per subject, interleaved across subjects, device
+synchronised around each; the row reports the median (and minimum) in milliseconds.
+
+Peak memory (``peak_mib``) is the memory held above the level after the inputs and parameters exist, during one
+step. On CUDA: ``torch.cuda.max_memory_allocated`` (``cuda_max_allocated``). On a Linux CPU: the peak resident set
+size (``VmHWM`` after resetting it) of the **first** step in a **fresh interpreter** (``rss_hwm_subprocess``), because
+a process that has already run steps keeps freed pages and hides new growth; ``--memory inprocess`` measures in
+the benchmark process instead (``rss_hwm``, an underestimate after earlier rows).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..layers import ACmix
+from ..ops import available_backends, choose_backend, get_backend, local_attention
+from .env import PeakMemory, environment, synchronize
+
+_logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the ResNet stages of paper.md (channels, map side): stage 1 to 4 of ACmix-ResNet-50 bottlenecks
+RESNET_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
+SUBJECTS = ("attention", "conv3x3", "proj1x1", "acmix", "acmix-official")
+MEMORY_MODES = ("auto", "subprocess", "inprocess", "off")
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One measured configuration. ``backend`` is only used by ``attention`` rows."""
+
+    subject: str
+    backend: str
+    batch: int
+    channels: int
+    size: int
+    stride: int
+    heads: int = 4
+    kernel: int = 7
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class OpRow:
+    """One result row (CSV/JSON record)."""
+
+    subject: str
+    backend: str
+    batch: int
+    channels: int
+    height: int
+    width: int
+    stride: int
+    heads: int
+    kernel: int
+    dtype: str
+    median_ms: float
+    min_ms: float
+    repeats: int
+    peak_mib: float | None
+    mem_method: str
+    device: str
+    device_name: str
+    torch: str
+    acmix: str
+    threads: int
+    note: str = ""
+
+    @property
+    def shape(self) -> str:
+        return f"{self.batch}x{self.channels}x{self.height}x{self.width}/s{self.stride}"
+
+
+ROW_FIELDS = tuple(f.name for f in fields(OpRow))
+
+
+# ------------------------------------------------------------------------------------------------- the subjects
+class _Case:
+    """Leaves, parameters and a closure that runs one forward; ``step()`` runs forward + backward."""
+
+    def __init__(self, spec: OpSpec) -> None:
+        self.spec = spec
+        dev, dt = torch.device(spec.device), DTYPES[spec.dtype]
+        g = torch.Generator().manual_seed(0)
+        b, c, h, s = spec.batch, spec.channels, spec.size, spec.stride
+
+        def leaf(*shape: int) -> torch.Tensor:
+            return torch.randn(*shape, generator=g).to(dev, dt).requires_grad_(True)
+
+        self.module: nn.Module | None = None
+        if spec.subject == "attention":
+            d = c // spec.heads
+            q, k, v = (leaf(b, spec.heads, d, h, h) for _ in range(3))
+            pos = leaf(d, h, h)
+            self.leaves = [q, k, v, pos]
+            self.forward: Callable[[], torch.Tensor] = lambda: local_attention(
+                q, k, v, spec.kernel, s, pos, backend=spec.backend
+            )
+        else:
+            x = leaf(b, c, h, h)
+            self.leaves = [x]
+            if spec.subject == "conv3x3":
+                self.module = nn.Conv2d(c, c, 3, s, 1, bias=False)
+            elif spec.subject == "proj1x1":
+                self.module = ACmix(c, stride=s, num_heads=spec.heads, attn_kernel_size=spec.kernel).qkv
+            elif spec.subject == "acmix":
+                self.module = ACmix(c, stride=s, num_heads=spec.heads, attn_kernel_size=spec.kernel)
+            elif spec.subject == "acmix-official":
+                self.module = ACmix(
+                    c, stride=s, num_heads=spec.heads, attn_kernel_size=spec.kernel, backend="reference"
+                )
+                self.module.conv_impl = "reference"
+            else:
+                raise ValueError(f"unknown subject {spec.subject!r}; valid subjects: {', '.join(SUBJECTS)}")
+            module = self.module.to(dev, dt)
+            self.forward = lambda: module(x)
+        self.grad: torch.Tensor | None = None
+
+    def step(self) -> None:
+        for t in self.leaves:
+            t.grad = None
+        if self.module is not None:
+            self.module.zero_grad(set_to_none=True)
+        out = self.forward()
+        if self.grad is None:
+            self.grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+        out.backward(self.grad)
+
+
+def default_backend(device: str, dtype: str, channels: int = 64, heads: int = 4) -> str:
+    """The backend the automatic choice takes for an op input of this device and dtype."""
+    sample = torch.empty(1, heads, channels // heads, 1, 1, dtype=DTYPES[dtype], device=device)
+    return choose_backend(sample, "auto").name
+
+
+def runnable_backends(device: str, dtype: str, channels: int = 64, heads: int = 4) -> list[str]:
+    """Every registered backend that can run on this device/dtype, best first (``reference`` included)."""
+    sample = torch.empty(1, heads, channels // heads, 1, 1, dtype=DTYPES[dtype], device=device)
+    return [name for name in available_backends() if get_backend(name).can_run(sample)[0]]
+
+
+def specs_for(
+    shapes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    *,
+    batch: int = 8,
+    heads: int = 4,
+    kernel: int = 7,
+    dtype: str = "float32",
+    device: str = "cpu",
+    backends: Sequence[str] | None = None,
+    subjects: Sequence[str] = SUBJECTS,
+) -> list[list[OpSpec]]:
+    """Groups of specs, one group per (shape, stride); rows of a group are timed interleaved."""
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
+    for s in subjects:
+        if s not in SUBJECTS:
+            raise ValueError(f"unknown subject {s!r}; valid subjects: {', '.join(SUBJECTS)}")
+    if backends is None:
+        backends = runnable_backends(device, dtype, shapes[0][0] if shapes else 64, heads)
+    else:
+        for name in backends:
+            get_backend(name)  # unknown names raise with the valid list
+    groups = []
+    for c, h in shapes:
+        if c % heads:
+            raise ValueError(f"channels ({c}) must be divisible by heads ({heads})")
+        for stride in strides:
+            group = []
+            for subject in subjects:
+                names = list(backends) if subject == "attention" else [_layer_backend(subject, device, dtype, c, heads)]
+                for name in names:
+                    group.append(OpSpec(subject, name, batch, c, h, stride, heads, kernel, dtype, device))
+            groups.append(group)
+    return groups
+
+
+def _layer_backend(subject: str, device: str, dtype: str, channels: int, heads: int) -> str:
+    if subject == "acmix":
+        return default_backend(device, dtype, channels, heads)
+    if subject == "acmix-official":
+        return "reference"
+    return "-"
+
+
+# ------------------------------------------------------------------------------------------------- measuring
+def measure_group(group: Sequence[OpSpec], *, warmup: int = 2, repeats: int = 5, memory: str = "auto") -> list[OpRow]:
+    """Time every spec of a group (interleaved repeats), then measure its peak memory."""
+    if warmup < 0 or repeats < 1:
+        raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup}, {repeats}")
+    if memory not in MEMORY_MODES:
+        raise ValueError(f"unknown memory mode {memory!r}; valid: {', '.join(MEMORY_MODES)}")
+    if not group:
+        return []
+    device = torch.device(group[0].device)
+    cases = [_Case(spec) for spec in group]
+    for case in cases:
+        for _ in range(warmup):
+            case.step()
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(repeats):
+        for i, case in enumerate(cases):
+            synchronize(device)
+            t0 = time.perf_counter()
+            case.step()
+            synchronize(device)
+            times[i].append((time.perf_counter() - t0) * 1e3)
+    del cases
+    env = environment(device)
+    rows = []
+    for spec, ts in zip(group, times):
+        peak, method = measure_memory(spec, memory)
+        ho = -(-spec.size // spec.stride)
+        note = f"out {ho}x{ho}"
+        rows.append(
+            OpRow(
+                spec.subject,
+                spec.backend,
+                spec.batch,
+                spec.channels,
+                spec.size,
+                spec.size,
+                spec.stride,
+                spec.heads,
+                spec.kernel,
+                spec.dtype,
+                statistics.median(ts),
+                min(ts),
+                repeats,
+                peak,
+                method,
+                env["device"],
+                env["device_name"],
+                env["torch"],
+                env["acmix"],
+                env["threads"],
+                note,
+            )
+        )
+    return rows
+
+
+def measure_memory(spec: OpSpec, memory: str = "auto") -> tuple[float | None, str]:
+    """Peak memory of one step of ``spec``; see the module docstring. Returns (MiB or None, method)."""
+    if memory == "off":
+        return None, "off"
+    device = torch.device(spec.device)
+    if memory == "subprocess" or (memory == "auto" and device.type == "cpu"):
+        return _memory_subprocess(spec)
+    return _memory_inprocess(spec, warm=device.type == "cuda")
+
+
+def _memory_inprocess(spec: OpSpec, warm: bool) -> tuple[float | None, str]:
+    case = _Case(spec)
+    if warm:  # CUDA: exact tensor accounting, so a warm step (autotuning, caches) is excluded fairly
+        case.step()
+    probe = PeakMemory(torch.device(spec.device))
+    probe.start()
+    case.step()
+    return probe.peak_mib(), probe.method
+
+
+def _memory_subprocess(spec: OpSpec, timeout: float = 600.0) -> tuple[float | None, str]:
+    code = "import sys; from acmix.bench.op import _memory_child; sys.exit(_memory_child())"
+    payload = json.dumps({"spec": asdict(spec), "threads": torch.get_num_threads()})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"subprocess timed out after {timeout:.0f} s"
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        _logger.warning("memory subprocess failed for %s: %s", spec, tail)
+        return None, f"subprocess failed (exit {proc.returncode})"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    method = "rss_hwm_subprocess" if out["method"] == "rss_hwm" else out["method"]
+    return out["peak_mib"], method
+
+
+def _memory_child() -> int:
+    """Child of :func:`_memory_subprocess`: reads {"spec", "threads"} JSON on stdin, prints {"peak_mib", "method"}."""
+    payload = json.loads(sys.stdin.read())
+    torch.set_num_threads(int(payload["threads"]))
+    spec = OpSpec(**payload["spec"])
+    peak, method = _memory_inprocess(spec, warm=spec.device.startswith("cuda"))
+    sys.stdout.write(json.dumps({"peak_mib": peak, "method": method}) + "\n")
+    return 0
+
+
+def run(
+    groups: Sequence[Sequence[OpSpec]],
+    *,
+    warmup: int = 2,
+    repeats: int = 5,
+    memory: str = "auto",
+    threads: int | None = 2,
+    progress: Callable[[str], None] | None = None,
+) -> list[OpRow]:
+    """Measure every group; ``threads`` sets ``torch.set_num_threads`` for the run (restored afterwards)."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        rows: list[OpRow] = []
+        for group in groups:
+            if progress and group:
+                g = group[0]
+                progress(f"B={g.batch} C={g.channels} {g.size}x{g.size} stride {g.stride} ({len(group)} subjects)")
+            rows.extend(measure_group(group, warmup=warmup, repeats=repeats, memory=memory))
+        return rows
+    finally:
+        torch.set_num_threads(old)
+
+
+# ------------------------------------------------------------------------------------------------- reporting
+@dataclass(frozen=True)
+class ShapeSummary:
+    """Ratios of one shape: the issue's targets are speedup >= 10, memory ratio <= 0.1, layer / proj <= 3."""
+
+    shape: str
+    default_backend: str
+    speedup_vs_reference: float | None  # reference time / default backend time (attention op)
+    memory_vs_reference: float | None  # default backend peak / reference peak
+    layer_vs_proj: float | None  # whole ACmix layer time / its three 1x1 projections
+    official_layer_vs_proj: float | None
+    conv3x3_vs_proj: float | None
+
+
+def _find(rows: Sequence[OpRow], subject: str, backend: str | None = None) -> OpRow | None:
+    for r in rows:
+        if r.subject == subject and (backend is None or r.backend == backend):
+            return r
+    return None
+
+
+def _ms(r: OpRow | None) -> float | None:
+    return r.median_ms if r else None
+
+
+def _mem(r: OpRow | None) -> float | None:
+    return r.peak_mib if r else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def summarize(rows: Sequence[OpRow]) -> list[ShapeSummary]:
+    """One :class:`ShapeSummary` per shape, in row order."""
+    out = []
+    for shape in dict.fromkeys(r.shape for r in rows):
+        grp = [r for r in rows if r.shape == shape]
+        layer = _find(grp, "acmix")
+        default = layer.backend if layer else default_backend(grp[0].device, grp[0].dtype, grp[0].channels)
+        ref, fast = _find(grp, "attention", "reference"), _find(grp, "attention", default)
+        proj = _find(grp, "proj1x1")
+        official, conv = _find(grp, "acmix-official"), _find(grp, "conv3x3")
+        out.append(
+            ShapeSummary(
+                shape,
+                default,
+                _ratio(_ms(ref), _ms(fast)),
+                _ratio(_mem(fast), _mem(ref)),
+                _ratio(_ms(layer), _ms(proj)),
+                _ratio(_ms(official), _ms(proj)),
+                _ratio(_ms(conv), _ms(proj)),
+            )
+        )
+    return out
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _columns(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in body]
+    return "\n".join(lines)
+
+
+def format_table(rows: Sequence[OpRow]) -> str:
+    """Plain-text table of the rows."""
+    head = ["shape B x C x H x W / stride", "subject", "backend", "fwd+bwd ms", "min ms", "peak MiB", "memory method"]
+    body = [
+        [r.shape, r.subject, r.backend, f"{r.median_ms:.1f}", f"{r.min_ms:.1f}", _fmt(r.peak_mib, ".0f"), r.mem_method]
+        for r in rows
+    ]
+    return _columns(head, body)
+
+
+def format_summary(summaries: Sequence[ShapeSummary]) -> str:
+    """Ratios per shape against the issue's targets."""
+    head = [
+        "shape",
+        "default",
+        "ref / default time (>= 10)",
+        "default / ref memory (<= 0.1)",
+        "layer / 1x1 proj (<= 3)",
+        "official layer / 1x1 proj",
+        "conv3x3 / 1x1 proj",
+    ]
+    body = [
+        [
+            s.shape,
+            s.default_backend,
+            _fmt(s.speedup_vs_reference, ".1f"),
+            _fmt(s.memory_vs_reference, ".3f"),
+            _fmt(s.layer_vs_proj, ".2f"),
+            _fmt(s.official_layer_vs_proj, ".1f"),
+            _fmt(s.conv3x3_vs_proj, ".2f"),
+        ]
+        for s in summaries
+    ]
+    return _columns(head, body)
+
+
+def format_environment(rows: Sequence[OpRow]) -> str:
+    if not rows:
+        return "no rows"
+    r = rows[0]
+    return (
+        f"device: {r.device} ({r.device_name}), torch {r.torch}, acmix {r.acmix}, threads {r.threads}, "
+        f"dtype {r.dtype}, heads {r.heads}, kernel {r.kernel}"
+    )
+
+
+def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        raise FileNotFoundError(f"output directory {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def write_csv(rows: Sequence[OpRow], path: str | Path) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=ROW_FIELDS)
+            w.writeheader()
+            for r in rows:
+                w.writerow(asdict(r))
+
+    return _atomic(path, write)
+
+
+def write_json(rows: Sequence[OpRow], path: str | Path) -> Path:
+    doc: dict[str, Any] = {
+        "rows": [asdict(r) for r in rows],
+        "summary": [asdict(s) for s in summarize(rows)],
+    }
+
+    def write(tmp: Path) -> None:
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+
+    return _atomic(path, write)
+
+
+def plot(rows: Sequence[OpRow], path: str | Path) -> Path:
+    """Grouped bars (log scale) of time and peak memory per shape and subject, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r.shape for r in rows))
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    fig, axes = plt.subplots(2, 1, figsize=(max(8.0, 1.6 * len(shapes)), 8), sharex=True)
+    width = 0.8 / max(1, len(labels))
+    for j, label in enumerate(labels):
+        xs, ts, ms = [], [], []
+        for i, shape in enumerate(shapes):
+            match = [r for r in rows if r.shape == shape and _label(r) == label]
+            if match:
+                xs.append(i + (j - (len(labels) - 1) / 2) * width)
+                ts.append(match[0].median_ms)
+                ms.append(match[0].peak_mib if match[0].peak_mib is not None else float("nan"))
+        axes[0].bar(xs, ts, width, label=label)
+        axes[1].bar(xs, ms, width, label=label)
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("forward + backward (ms, median)")
+    axes[1].set_yscale("log")
+    axes[1].set_ylabel("peak memory (MiB)")
+    axes[1].set_xticks(range(len(shapes)))
+    axes[1].set_xticklabels(shapes, rotation=20, fontsize=8)
+    axes[0].legend(fontsize=8, ncol=2)
+    if rows:
+        axes[0].set_title(format_environment(rows), fontsize=8)
+    fig.tight_layout()
+
+    def write(tmp: Path) -> None:
+        fig.savefig(tmp, dpi=110, format="png")
+
+    try:
+        return _atomic(path, write)
+    finally:
+        plt.close(fig)
+
+
+def _label(r: OpRow) -> str:
+    return f"attention:{r.backend}" if r.subject == "attention" else r.subject
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    """``"64x56,128x28"`` -> [(64, 56), (128, 28)] (channels x map side)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        parts = item.lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"shapes must be CxH items like 64x56,128x28; got {item!r}")
+        out.append((int(parts[0]), int(parts[1])))
+    if not out:
+        raise ValueError("shapes must name at least one CxH item")
+    return out
