@@ -17,7 +17,9 @@ from ._loading import (
 )
 from ._meta import PAPER_TABLE, PaperRow, paper_row
 from ._registry_check import ACMIX_ENTRYPOINTS, acmix_cfg, register_acmix_model
+from .pvt import PyramidVisionTransformer
 from .resnet import ResNet
+from .san import SAN
 from .swin import SwinTransformer
 
 __all__ = [
@@ -26,7 +28,9 @@ __all__ = [
     "LoadReport",
     "OfficialWeightsMixin",
     "PaperRow",
+    "PyramidVisionTransformer",
     "ResNet",
+    "SAN",
     "SwinTransformer",
     "acmix_cfg",
     "build_acmix_model",

@@ -1,0 +1,209 @@
+"""PVT v1's spatial-reduction attention (SRA) and its ACmix extension.
+
+Wang et al., "Pyramid Vision Transformer: A Versatile Backbone for Dense Prediction without Convolutions", ICCV 2021
+(arXiv 2102.12122); code whai362/PVT ``classification/pvt.py`` (Apache-2.0), read and restated, not copied. The ACmix
+extension follows Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022 (arXiv 2111.14556);
+no official PVT-ACmix code exists, so the integration is this project's design (docs/deviations.md, section "PVT").
+
+Deviations from whai362/PVT: none in the arithmetic (``F.scaled_dot_product_attention`` computes the same softmax
+attention); prefix tokens (the stage-4 cls token) are only allowed with ``sr_ratio == 1``, as upstream implies.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..ops import conv_path, shift_kernels
+from ..ops._checks import check_odd_kernel
+
+__all__ = ["ACmixSpatialReductionAttention", "SpatialReductionAttention", "cell_upsample"]
+
+
+def cell_upsample(x: torch.Tensor, size: tuple[int, int], ratio: int) -> torch.Tensor:
+    """Give every full-resolution pixel the value of the ``ratio x ratio`` cell it fell into in the reduction.
+
+    The SRA reduction is a conv with kernel = stride = ratio, so reduced position (i, j) summarises the cell
+    ``[i r, (i + 1) r) x [j r, (j + 1) r)``; rows and columns left over by the floor division take the last cell.
+
+    Shape:
+        x: (B, C, H // ratio, W // ratio) -> (B, C, H, W) with (H, W) = ``size``.
+    """
+    h, w = size
+    idx_h = (torch.arange(h, device=x.device) // ratio).clamp_(max=x.shape[-2] - 1)
+    idx_w = (torch.arange(w, device=x.device) // ratio).clamp_(max=x.shape[-1] - 1)
+    return x.index_select(-2, idx_h).index_select(-1, idx_w)
+
+
+class SpatialReductionAttention(nn.Module):
+    """PVT's SRA: q from every token, k and v from a map reduced by a ratio x ratio strided conv + LayerNorm.
+
+    Args:
+        dim: token channels.
+        num_heads: attention heads (head-major channels, c = head * head_dim + d).
+        sr_ratio: spatial reduction ratio of keys and values (1: none).
+        qkv_bias: bias of the q and kv projections.
+        attn_drop: dropout on the attention weights.
+        proj_drop: dropout after the output projection.
+
+    Shape:
+        x (B, P + H * W, dim) tokens (P prefix tokens first, then the H x W map row-major) -> same shape.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        sr_ratio: int = 1,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
+        if not isinstance(sr_ratio, int) or sr_ratio < 1:
+            raise ValueError(f"sr_ratio must be a positive int, got {sr_ratio!r}")
+        self.dim, self.num_heads, self.head_dim, self.sr_ratio = dim, num_heads, dim // num_heads, sr_ratio
+        self.scale = self.head_dim**-0.5
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.sr: nn.Conv2d | None = None
+        self.norm: nn.LayerNorm | None = None
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            self.norm = nn.LayerNorm(dim)  # upstream: default eps (1e-5), unlike the blocks' 1e-6
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"
+
+    def _check(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int) -> None:
+        h, w = feat_size
+        if x.dim() != 3 or x.shape[1] != num_prefix_tokens + h * w or x.shape[2] != self.dim:
+            raise ValueError(f"expected tokens (B, {num_prefix_tokens} + {h}*{w}, {self.dim}), got {tuple(x.shape)}")
+        if num_prefix_tokens and self.sr_ratio > 1:
+            raise ValueError("prefix (cls) tokens need sr_ratio == 1 (the PVT cls-token stage has no reduction)")
+        if self.sr_ratio > 1 and (h < self.sr_ratio or w < self.sr_ratio):
+            raise ValueError(f"the {h}x{w} map is smaller than the reduction ratio {self.sr_ratio}")
+
+    def project(
+        self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Stage I: q (B, heads, N, hd) from all N tokens; k, v (B, heads, N', hd) from the reduced map."""
+        self._check(x, feat_size, num_prefix_tokens)
+        b, n, c = x.shape
+        q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
+        if self.sr is not None:
+            assert self.norm is not None
+            x_ = x.transpose(1, 2).reshape(b, c, *feat_size)  # (B, C, H, W)
+            x = self.norm(self.sr(x_).flatten(2).transpose(1, 2))  # (B, N', C), N' = (H // r) * (W // r)
+        kv = self.kv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, N', hd)
+        return q, kv[0], kv[1]
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Softmax attention (B, heads, N, hd) x (B, heads, N', hd) x 2 -> projected tokens (B, N, dim)."""
+        b, _, n, _ = q.shape
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0, scale=self.scale
+        )  # (B, heads, N, hd)
+        return self.proj(out.transpose(1, 2).reshape(b, n, self.dim))
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        q, k, v = self.project(x, feat_size, num_prefix_tokens)
+        return self.proj_drop(self.attend(q, k, v))
+
+
+class ACmixSpatialReductionAttention(SpatialReductionAttention):
+    """SRA with the ACmix convolution path (this project's design, docs/deviations.md section "PVT").
+
+    The conv path of Fig. 2 runs at full resolution on the Stage I features that SRA already computes: q at full
+    resolution, and k, v from the reduced map, each full-resolution pixel taking the k, v of the reduction cell it
+    fell into (:func:`cell_upsample`). A light FC maps the 3N head maps to k_c^2 maps and a c-III group conv
+    (dim x k_c^2 x k_c x k_c, shift-initialised, no bias) shifts and sums them (:func:`acmix.ops.conv_path`).
+    Output ``proj_drop(alpha * proj(attention) + beta * conv_path)`` as in the official Swin-ACmix; prefix tokens
+    have no neighbourhood, their conv-path output is zero. The FC has a bias, as in the official transformer host.
+
+    Args:
+        dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop: as :class:`SpatialReductionAttention`.
+        conv_kernel_size: odd k_c (official 3).
+        fc_bias: bias of the conv-path FC (Swin-ACmix: yes).
+        alpha_init, beta_init: initial alpha and beta (official 0.5 each).
+        conv_impl: ``"fused"`` (default) or ``"reference"`` conv path.
+
+    Shape:
+        x (B, P + H * W, dim) -> same shape.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        *,
+        sr_ratio: int = 1,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        conv_kernel_size: int = 3,
+        fc_bias: bool = True,
+        alpha_init: float = 0.5,
+        beta_init: float = 0.5,
+        conv_impl: str = "fused",
+    ) -> None:
+        super().__init__(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
+        check_odd_kernel("conv_kernel_size", conv_kernel_size)
+        if conv_impl not in ("fused", "reference"):
+            raise ValueError(f"conv_impl must be 'fused' or 'reference', got {conv_impl!r}")
+        self.conv_kernel_size, self.conv_impl = conv_kernel_size, conv_impl
+        self.alpha_init, self.beta_init = alpha_init, beta_init
+        k2 = conv_kernel_size * conv_kernel_size
+        self.fc = nn.Conv2d(3 * num_heads, k2, 1, bias=fc_bias)
+        self.shift_weight = nn.Parameter(torch.empty(dim, k2, conv_kernel_size, conv_kernel_size))
+        self.alpha = nn.Parameter(torch.empty(1))
+        self.beta = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Conv-path init as the official Swin-ACmix: default FC init, shift kernels kept, alpha/beta as given."""
+        self.fc.reset_parameters()
+        with torch.no_grad():
+            self.shift_weight.copy_(shift_kernels(self.conv_kernel_size).expand_as(self.shift_weight))
+            self.alpha.fill_(self.alpha_init)
+            self.beta.fill_(self.beta_init)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, conv_kernel_size={self.conv_kernel_size}"
+
+    def convolution_path(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int
+    ) -> torch.Tensor:
+        """q (B, heads, P + H W, hd), k, v (B, heads, P + H' W', hd) -> (B, H W, dim) spatial tokens."""
+        b = q.shape[0]
+        h, w = feat_size
+        hr, wr = (h // self.sr_ratio, w // self.sr_ratio) if self.sr is not None else (h, w)
+        p = num_prefix_tokens
+
+        def to_map(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+            # (B, heads, P + h w, hd) -> (B, heads * hd, h, w): channel head * hd + d (head-major, as conv_path wants)
+            return t[:, :, p:].transpose(2, 3).reshape(b, self.dim, *size)
+
+        q_map = to_map(q, (h, w))
+        k_map = cell_upsample(to_map(k, (hr, wr)), (h, w), self.sr_ratio)  # (B, C, H, W)
+        v_map = cell_upsample(to_map(v, (hr, wr)), (h, w), self.sr_ratio)
+        fc_w = self.fc.weight.reshape(self.fc.weight.shape[0], -1)  # (k2, 3N)
+        out = conv_path(
+            q_map, k_map, v_map, self.num_heads, fc_w, self.shift_weight, self.fc.bias, impl=self.conv_impl
+        )  # (B, C, H, W)
+        return out.flatten(2).transpose(1, 2)  # (B, H W, C)
+
+    def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
+        q, k, v = self.project(x, feat_size, num_prefix_tokens)
+        att = self.attend(q, k, v)  # (B, P + H W, C)
+        conv = self.convolution_path(q, k, v, feat_size, num_prefix_tokens)  # (B, H W, C)
+        if num_prefix_tokens:
+            conv = F.pad(conv, (0, 0, num_prefix_tokens, 0))  # prefix tokens: no neighbourhood, conv path 0
+        return self.proj_drop(self.alpha.to(att.dtype) * att + self.beta.to(conv.dtype) * conv)
