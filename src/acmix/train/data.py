@@ -1,0 +1,341 @@
+"""Datasets and loaders: the embedded digits (scikit-learn) and image folders, with timm's transforms and Mixup.
+
+- :class:`DigitsDataset`: scikit-learn's bundled handwritten digits (1,797 real 8 x 8 grey images, 10 classes,
+  values 0..16), split once with a fixed stratified 80/20 split (``random_state=0``): 1,437 train, 360 val.
+- :class:`ImageFolderDataset`: ``root/<split>/<class>/<image>`` (the ImageNet layout), checked before training
+  (empty class folders, empty splits, validation classes the training split lacks), decoded with PIL and
+  transformed with :func:`timm.data.create_transform`. Unreadable files raise an error naming the file, or with
+  ``skip_bad=True`` are dropped from the batch and reported per epoch.
+- :class:`ShardSampler`: the epoch's order is ``randperm(n)`` seeded by ``seed + epoch`` (as
+  :class:`torch.utils.data.DistributedSampler`), sharded by rank, and can start part-way into an epoch, so an
+  interrupted run resumes on exactly the batches it had not seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+_logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "DataBundle",
+    "DigitsDataset",
+    "ImageFolderDataset",
+    "ShardSampler",
+    "build_data",
+    "collate_skip",
+    "digits_split",
+    "scan_image_folder",
+]
+
+DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
+_DIGITS_SEED = 0
+_DIGITS_VAL_FRACTION = 0.2
+
+
+def digits_split() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed stratified split: (train images (N, 1, 8, 8) in [0, 1], train labels, val images, val labels)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    idx = torch.arange(len(labels)).numpy()
+    tr, va = train_test_split(
+        idx, test_size=_DIGITS_VAL_FRACTION, stratify=digits.target, random_state=_DIGITS_SEED, shuffle=True
+    )
+    tr_t, va_t = torch.as_tensor(tr), torch.as_tensor(va)
+    return images[tr_t], labels[tr_t], images[va_t], labels[va_t]
+
+
+class DigitsDataset(Dataset):
+    """One split of the embedded digits as normalised (1, S, S) tensors (S = ``input_size``, 8 natively).
+
+    Args:
+        split: ``"train"`` or ``"val"``.
+        shift: training augmentation: a random translation by up to ``shift`` pixels (zero fill), drawn from
+            torch's global generator (so it is seeded, and restored on resume).
+        input_size: output side; other than 8 resizes bilinearly.
+    """
+
+    classes = [str(i) for i in range(10)]
+
+    def __init__(self, split: str = "train", *, shift: int = 0, input_size: int = 8) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"digits split must be 'train' or 'val', got {split!r}")
+        xtr, ytr, xva, yva = digits_split()
+        self.images, self.targets = (xtr, ytr) if split == "train" else (xva, yva)
+        self.shift, self.input_size, self.split = shift, input_size, split
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        img = self.images[i]  # (1, 8, 8) in [0, 1]
+        if self.shift > 0:
+            s = self.shift
+            dy, dx = (int(v) for v in torch.randint(-s, s + 1, (2,)))
+            img = F.pad(img, (s, s, s, s))[:, s + dy : s + dy + 8, s + dx : s + dx + 8]  # (1, 8, 8)
+        if self.input_size != 8:
+            img = F.interpolate(img[None], size=self.input_size, mode="bilinear", align_corners=False)[0]
+        return (img - DIGITS_MEAN[0]) / DIGITS_STD[0], int(self.targets[i])
+
+
+def _img_extensions() -> tuple[str, ...]:
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    return tuple(sorted(get_img_extensions(as_set=True)))
+
+
+def scan_image_folder(split_dir: Path, class_to_idx: dict[str, int] | None = None) -> tuple[list, list[str]]:
+    """List ``(path, target)`` of ``split_dir/<class>/<file>``; raise ValueError on empty classes/splits.
+
+    Returns ``(samples, classes)``; ``classes`` sorted. With ``class_to_idx`` (the training split's), a class
+    missing from it raises ValueError before training starts.
+    """
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"dataset split folder not found: {split_dir}")
+    exts = _img_extensions()
+    class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"{split_dir}: no class folders (expected {split_dir}/<class>/<image files>)")
+    classes = [p.name for p in class_dirs]
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(classes)}
+    else:
+        missing = [c for c in classes if c not in class_to_idx]
+        if missing:
+            shown = ", ".join(missing[:5]) + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+            raise ValueError(f"{split_dir}: classes not in the training split: {shown}")
+    samples: list[tuple[str, int]] = []
+    for cdir in class_dirs:
+        files = sorted(
+            p for p in cdir.rglob("*") if p.is_file() and p.suffix.lower() in exts and not p.name.startswith(".")
+        )
+        if not files:
+            raise ValueError(f"{cdir}: empty class folder (no files with extensions {', '.join(exts)})")
+        samples.extend((str(p), class_to_idx[cdir.name]) for p in files)
+    return samples, classes
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>`` read with PIL, transformed by ``transform`` (timm's).
+
+    Args:
+        split_dir: the split's folder.
+        transform: callable PIL image -> tensor.
+        class_to_idx: the class indices to use (the training split's) or None to number this split's classes.
+        img_mode: PIL mode, ``"RGB"`` or ``"L"`` (one input channel).
+        skip_bad: on an unreadable file, return None (dropped by :func:`collate_skip`) instead of raising.
+    """
+
+    def __init__(
+        self,
+        split_dir: str | Path,
+        transform: Callable[[Any], torch.Tensor] | None = None,
+        *,
+        class_to_idx: dict[str, int] | None = None,
+        img_mode: str = "RGB",
+        skip_bad: bool = False,
+    ) -> None:
+        self.root = Path(split_dir)
+        self.samples, classes = scan_image_folder(self.root, class_to_idx)
+        self.classes = classes if class_to_idx is None else sorted(class_to_idx, key=lambda c: class_to_idx[c])
+        self.class_to_idx = class_to_idx or {c: i for i, c in enumerate(classes)}
+        self.transform, self.img_mode, self.skip_bad = transform, img_mode, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, i: int) -> Any:
+        from PIL import Image, UnidentifiedImageError
+
+        path, _ = self.samples[i]
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.convert(self.img_mode)
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            raise ValueError(f"cannot read image {path}: {exc} (use --skip-bad-images to skip such files)") from None
+
+    def __getitem__(self, i: int) -> Any:
+        try:
+            img = self.load(i)
+        except ValueError:
+            if not self.skip_bad:
+                raise
+            return None, self.samples[i][0]
+        x = self.transform(img) if self.transform is not None else img
+        return x, self.samples[i][1]
+
+
+def collate_skip(batch: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack ``(tensor, target)`` pairs, dropping unreadable samples ``(None, path)``; returns (x, y, skipped)."""
+    good = [b for b in batch if b[0] is not None]
+    skipped = [b[1] for b in batch if b[0] is None]
+    if not good:
+        return torch.empty(0), torch.empty(0, dtype=torch.long), skipped
+    x = torch.stack([b[0] for b in good])  # (B, C, H, W)
+    y = torch.tensor([int(b[1]) for b in good], dtype=torch.long)
+    return x, y, skipped
+
+
+class ShardSampler(Sampler[int]):
+    """Epoch-seeded order (``seed + epoch``), sharded ``rank::world``, optionally starting part-way in.
+
+    Training (``shuffle=True``) pads the order to a multiple of ``world`` like DistributedSampler, so every rank
+    sees the same number of samples; evaluation (``shuffle=False``) shards without padding (exact metrics
+    after a sum over ranks).
+    """
+
+    def __init__(self, n: int, *, shuffle: bool, seed: int = 0, rank: int = 0, world: int = 1) -> None:
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Use epoch ``epoch``'s order, skipping this rank's first ``start`` samples."""
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+            total = math.ceil(self.n / self.world) * self.world
+            order += order[: total - self.n]
+        else:
+            order = list(range(self.n))
+        return order[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.start)
+
+
+@dataclass
+class DataBundle:
+    """What the trainer needs from the data: datasets, loaders' sampler, class names, channels, sizes."""
+
+    train: Dataset
+    val: Dataset
+    classes: list[str]
+    in_chans: int
+    input_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_pct: float
+    interpolation: str
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float], crop_pct: float, interpolation: str):
+    """timm's evaluation transform (resize input_size / crop_pct, centre crop, normalise)."""
+    from timm.data import create_transform
+
+    return create_transform(
+        input_size,
+        is_training=False,
+        mean=tuple(mean),
+        std=tuple(std),
+        crop_pct=crop_pct,
+        interpolation=interpolation or "bilinear",
+    )
+
+
+def build_data(cfg: Any, data_cfg: dict[str, Any], in_chans: int) -> DataBundle:
+    """Datasets for ``cfg`` (a TrainConfig): digits when ``cfg.data_dir`` is None, else an image folder.
+
+    ``data_cfg`` holds timm's resolved ``input_size``/``mean``/``std``/``crop_pct``/``interpolation``.
+    """
+    if cfg.data_dir is None:
+        size = int(cfg.input_size or 8)
+        return DataBundle(
+            DigitsDataset("train", shift=cfg.shift_aug, input_size=size),
+            DigitsDataset("val", input_size=size),
+            list(DigitsDataset.classes),
+            1,
+            size,
+            DIGITS_MEAN,
+            DIGITS_STD,
+            1.0,
+            "bilinear",
+            "digits",
+        )
+    from timm.data import create_transform
+
+    root = Path(cfg.data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-dir not found: {root}")
+    size = int(data_cfg["input_size"][-1])
+    mean, std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+    if len(mean) != in_chans:
+        mean, std = (mean * in_chans)[:in_chans], (std * in_chans)[:in_chans]
+    interp = cfg.interpolation or data_cfg.get("interpolation", "bilinear")
+    crop_pct = float(cfg.crop_pct or data_cfg.get("crop_pct", 0.875))
+    train_tf = create_transform(
+        size,
+        is_training=True,
+        hflip=cfg.hflip,
+        color_jitter=cfg.color_jitter,
+        auto_augment=cfg.aa,
+        interpolation=interp,
+        mean=mean,
+        std=std,
+        re_prob=cfg.reprob,
+        re_mode=cfg.remode,
+        re_count=cfg.recount,
+    )
+    img_mode = "L" if in_chans == 1 else "RGB"
+    train: Any
+    val: Any
+    train = ImageFolderDataset(root / cfg.train_split, train_tf, img_mode=img_mode, skip_bad=cfg.skip_bad_images)
+    val = ImageFolderDataset(
+        root / cfg.val_split,
+        eval_transform(size, mean, std, crop_pct, interp),
+        class_to_idx=train.class_to_idx,
+        img_mode=img_mode,
+        skip_bad=cfg.skip_bad_images,
+    )
+    _logger.info(
+        "image folder %s: %d train / %d val images, %d classes", root, len(train), len(val), len(train.classes)
+    )
+    return DataBundle(train, val, train.classes, in_chans, size, mean, std, crop_pct, interp, str(root))
+
+
+def make_loader(
+    dataset: Dataset,
+    sampler: ShardSampler,
+    batch_size: int,
+    *,
+    workers: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        drop_last=drop_last,
+        collate_fn=collate_skip,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

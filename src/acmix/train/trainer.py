@@ -1,0 +1,537 @@
+"""The training run: data, model, timm optimizer/scheduler/EMA, DDP, checkpoints, metrics, plots, signals.
+
+:func:`run_training` takes a resolved :class:`~acmix.train.config.TrainConfig` and returns a :class:`TrainResult`.
+It checks the data before any training, writes only on rank 0, checkpoints atomically (``last`` every epoch and
+every ``checkpoint_every`` updates, ``best`` on a new best top-1), and on SIGINT/SIGTERM finishes the current
+update, writes ``last`` and returns with ``stopped="signal"``. Resuming restores weights, optimizer, scheduler,
+scaler, EMA, RNG states and the position inside the epoch, so on CPU with ``workers=0`` a resumed run ends with
+the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import difflib
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..models import micro as _micro  # noqa: F401  (registers acmix_micro)
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import DataBundle, ShardSampler, build_data, make_loader, scan_image_folder
+from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
+from .engine import NonFiniteLossError, StepControl, evaluate, train_one_epoch
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["TrainResult", "TrainingStopped", "check_model_name", "create_model", "run_training"]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epochs_done: int
+    updates: int
+    best_top1: float
+    last: dict[str, Any]
+    stopped: str  # "" (finished), "signal", "max_steps"
+    seconds: float
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+    signal_name: str = ""
+
+    @property
+    def resume_command(self) -> str:
+        return f"acmix train --resume {self.run_dir}"
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on an error after which the last good checkpoint is kept (non-finite loss)."""
+
+
+def check_model_name(name: str) -> None:
+    """Raise ValueError for a name timm's registry lacks, with close matches."""
+    import timm
+
+    base = name.split(".")[0]
+    if timm.is_model(base):
+        return
+    close = difflib.get_close_matches(base, timm.list_models(), n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
+    raise ValueError(f"unknown model {name!r}{hint}")
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` after checking the name (acmix models are registered by importing acmix.models)."""
+    import timm
+
+    check_model_name(name)
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as exc:
+        raise ValueError(f"cannot build {name} with {sorted(kwargs)}: {exc}") from None
+
+
+def _model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int | None) -> dict[str, Any]:
+    kw: dict[str, Any] = dict(pretrained=cfg.pretrained, num_classes=num_classes)
+    if in_chans is not None:
+        kw["in_chans"] = in_chans
+    if cfg.drop_rate is not None:
+        kw["drop_rate"] = cfg.drop_rate
+    if cfg.drop_path is not None:
+        kw["drop_path_rate"] = cfg.drop_path
+    kw.update(cfg.model_kwargs)
+    return kw
+
+
+class _SignalFlag:
+    """SIGINT/SIGTERM set a flag polled after each update; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.name = ""
+        self._old: dict[Any, Any] = {}
+
+    def __call__(self) -> bool:
+        return bool(self.name)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+        _logger.warning("%s received: finishing the current step, then writing a checkpoint", self.name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_SignalFlag]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _default_run_dir(cfg: TrainConfig) -> Path:
+    return Path("runs") / f"{cfg.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _resolve_amp(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, Any]:
+    if not cfg.amp:
+        return None, None
+    dtype = torch.bfloat16 if cfg.amp_dtype == "bfloat16" else torch.float16
+    if dtype == torch.float16 and device.type != "cuda":
+        raise ValueError("--amp-dtype float16 needs a CUDA device; use --amp-dtype bfloat16 on CPU")
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+    return dtype, scaler
+
+
+def _loss_fns(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+
+    mixup_fn = None
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        mixup_fn = Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob,
+            switch_prob=cfg.mixup_switch_prob,
+            mode=cfg.mixup_mode,
+            label_smoothing=cfg.smoothing,
+            num_classes=num_classes,
+        )
+        return SoftTargetCrossEntropy(), mixup_fn
+    if cfg.smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing), None
+    return nn.CrossEntropyLoss(), None
+
+
+class _MetricsLog:
+    """metrics.jsonl (one JSON object per epoch) + optional TensorBoard; rank 0 only."""
+
+    def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, keep_before_epoch: int) -> None:
+        self.path = run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.rows: list[dict[str, Any]] = []
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():  # resumed: keep the epochs already finished, drop any later ones
+            self.rows = [r for r in _read_jsonl(self.path) if r.get("epoch", -1) < keep_before_epoch]
+            ckpt.atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            except ImportError:
+                _logger.warning(
+                    "--tensorboard: the tensorboard package is not installed; logging to metrics.jsonl only"
+                )
+
+    def add(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "epoch":
+                    self.tb.add_scalar(k, v, row["epoch"])
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
+
+
+def _precheck_data(cfg: TrainConfig) -> None:
+    """Fail on empty/missing classes before building anything heavy."""
+    if cfg.data_dir is None:
+        return
+    root = Path(cfg.data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--data-dir not found: {root}")
+    _, classes = scan_image_folder(root / cfg.train_split)
+    scan_image_folder(root / cfg.val_split, {c: i for i, c in enumerate(classes)})
+
+
+def run_training(cfg: TrainConfig) -> TrainResult:
+    """Train according to ``cfg`` (see module docstring). Call under ``torchrun`` for DDP."""
+    cfg.validate()
+    check_model_name(cfg.model)
+    _precheck_data(cfg)
+    info, device = init_distributed(cfg.device)
+    try:
+        return _run(cfg, info, device)
+    finally:
+        cleanup_distributed()
+
+
+def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
+    t_start = time.perf_counter()
+    threads = cfg.threads or (1 if cfg.data_dir is None else None)  # digits: tiny ops, threads only add sync cost
+    if threads and device.type == "cpu":
+        torch.set_num_threads(threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    _seed_everything(cfg.seed + info.rank)
+
+    # ---------------------------------------------------------------- resume state (read early: run folder)
+    state: dict[str, Any] | None = None
+    state_file: Path | None = None
+    if cfg.resume:
+        state_file = ckpt.find_state_file(cfg.resume)
+        state = ckpt.load_state(state_file)
+        if int(state.get("world", 1)) != info.world:
+            raise ValueError(
+                f"{state_file} was written by a run with {state.get('world', 1)} process(es); "
+                f"resume it with the same number (now {info.world}) so the data order continues exactly"
+            )
+    if cfg.output:
+        run_dir = Path(cfg.output)
+    elif state_file is not None:
+        run_dir = state_file.parent
+    else:
+        run_dir = _default_run_dir(cfg)
+
+    # ---------------------------------------------------------------- model + data
+    if cfg.data_dir is None:
+        in_chans: int | None = 1
+        num_classes = cfg.num_classes or 10
+    else:
+        _, classes = scan_image_folder(Path(cfg.data_dir) / cfg.train_split)
+        num_classes = cfg.num_classes or len(classes)
+        in_chans = None
+    model = create_model(cfg.model, **_model_kwargs(cfg, num_classes, in_chans))
+    if in_chans is None:
+        pcfg = getattr(model, "pretrained_cfg", None) or {}
+        in_chans = int(getattr(model, "in_chans", None) or pcfg.get("input_size", (3,))[0])
+    from timm.data import resolve_data_config
+
+    data_cfg = resolve_data_config({}, model=model)
+    if cfg.input_size:
+        data_cfg["input_size"] = (in_chans, cfg.input_size, cfg.input_size)
+    data: DataBundle = build_data(cfg, data_cfg, in_chans)
+    n_train, n_val = len(data.train), len(data.val)  # type: ignore[arg-type]
+    if data.num_classes > num_classes:
+        raise ValueError(f"the data has {data.num_classes} classes but --num-classes is {num_classes}")
+    if cfg.initial_checkpoint:
+        ckpt.load_weights(model, cfg.initial_checkpoint, strict=False)
+    if cfg.grad_checkpointing and hasattr(model, "set_grad_checkpointing"):
+        model.set_grad_checkpointing(True)  # type: ignore[operator]
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if cfg.sync_bn:
+        if not info.distributed:
+            _logger.warning("--sync-bn has no effect without torchrun (one process)")
+        elif device.type != "cuda":
+            raise ValueError(
+                "--sync-bn needs CUDA (torch's SyncBatchNorm has no CPU kernel); on CPU use a model without "
+                "batch statistics, e.g. --model-kwargs norm_layer=groupnorm for acmix_micro"
+            )
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    # ---------------------------------------------------------------- optimizer, EMA, DDP, loaders, scheduler
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+    from timm.utils import ModelEmaV3
+
+    global_batch = cfg.batch_size * cfg.grad_accum_steps * info.world
+    lr = cfg.lr * global_batch / cfg.lr_base_size if cfg.lr_base_size else cfg.lr
+    opt_kwargs: dict[str, Any] = {}
+    if cfg.opt_eps is not None:
+        opt_kwargs["eps"] = cfg.opt_eps
+    optimizer = create_optimizer_v2(
+        model,
+        opt=cfg.opt,
+        lr=lr,
+        weight_decay=cfg.weight_decay,
+        momentum=cfg.momentum,
+        filter_bias_and_bn=not cfg.wd_all_params,
+        **opt_kwargs,
+    )
+    ema = ModelEmaV3(model, decay=cfg.model_ema_decay) if cfg.model_ema else None
+    train_model: nn.Module = model
+    if info.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    loss_fn, mixup_fn = _loss_fns(cfg, num_classes)
+    train_sampler = ShardSampler(n_train, shuffle=True, seed=cfg.seed, rank=info.rank, world=info.world)
+    val_sampler = ShardSampler(n_val, shuffle=False, rank=info.rank, world=info.world)
+    drop_last = mixup_fn is not None
+    if len(train_sampler) < cfg.batch_size and drop_last:
+        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the {len(train_sampler)} training images")
+    loader_gen = torch.Generator().manual_seed(cfg.seed * 1000 + info.rank)  # keeps the global RNG untouched
+    pin = device.type == "cuda"
+    train_loader = make_loader(
+        data.train, train_sampler, cfg.batch_size, workers=cfg.workers, drop_last=drop_last, pin_memory=pin
+    )
+    train_loader.generator = loader_gen
+    val_loader = make_loader(data.val, val_sampler, cfg.batch_size, workers=cfg.workers, pin_memory=pin)
+    val_loader.generator = torch.Generator().manual_seed(cfg.seed)
+    batches_per_epoch = len(train_loader)
+    updates_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum_steps)
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=cfg.sched,
+        num_epochs=cfg.epochs,
+        warmup_epochs=cfg.warmup_epochs,  # type: ignore[arg-type]
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
+    amp_dtype, scaler = _resolve_amp(cfg, device)
+
+    # ---------------------------------------------------------------- restore
+    start_epoch, batches_done, updates, best_top1, best_epoch = 0, 0, 0, -1.0, -1
+    if state is not None and state_file is not None:
+        ckpt.load_weights(model, ckpt.state_weights_path(state_file, state))
+        if ema is not None and "ema_weights" in state:
+            ckpt.load_weights(ema.module, ckpt.state_weights_path(state_file, state, "ema_weights"))
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        start_epoch, batches_done = int(state["epoch"]), int(state["batches_done"])
+        updates, best_top1, best_epoch = int(state["updates"]), float(state["best_top1"]), int(state["best_epoch"])
+        ckpt.restore_rng(state["rng"])
+        _logger.info("resumed from %s: epoch %d, batch %d, update %d", state_file, start_epoch, batches_done, updates)
+
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        cfg_out = {k.replace("_", "-"): v for k, v in cfg.to_dict().items()}
+        ckpt.atomic_write_bytes(run_dir / "config.yaml", yaml.safe_dump(cfg_out, sort_keys=False).encode())
+    log = _MetricsLog(run_dir, info.is_main, cfg.tensorboard, start_epoch)
+
+    data_meta = dict(
+        in_chans=in_chans,
+        input_size=data.input_size,
+        mean=list(data.mean),
+        std=list(data.std),
+        crop_pct=data.crop_pct,
+        interpolation=data.interpolation,
+        classes=list(data.classes),
+        dataset=data.name,
+    )
+
+    def save(kinds: tuple[str, ...], epoch: int, batches: int, ups: int, last_row: dict[str, Any] | None) -> None:
+        if not info.is_main:
+            return
+        st = dict(
+            epoch=epoch,
+            batches_done=batches,
+            updates=ups,
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict() if scheduler is not None else None,
+            scaler=scaler.state_dict() if scaler is not None else None,
+            rng=ckpt.capture_rng(),
+            config=cfg.to_dict(),
+            model_name=cfg.model,
+            model_kwargs=_model_kwargs(cfg, num_classes, in_chans) | {"pretrained": False},
+            num_classes=num_classes,
+            data=data_meta,
+            world=info.world,
+            best_top1=best_top1,
+            best_epoch=best_epoch,
+            metrics=last_row or {},
+        )
+        ckpt.save_checkpoint(run_dir, kinds, model=model, state=st, ema_model=ema.module if ema is not None else None)
+
+    stop = _SignalFlag()
+    cur_epoch = start_epoch
+
+    def after_update(ups: int, batches: int) -> None:
+        if cfg.checkpoint_every and ups % cfg.checkpoint_every == 0 and batches < batches_per_epoch:
+            save(("last",), cur_epoch, batches, ups, None)
+
+    control = StepControl(should_stop=stop, after_update=after_update, max_updates=cfg.max_steps)
+    stopped, last_row = "", dict(log.rows[-1]) if log.rows else {}
+    epoch = start_epoch
+    with stop.installed():
+        for epoch in range(start_epoch, cfg.epochs):
+            cur_epoch = epoch
+            if cfg.max_steps is not None and updates >= cfg.max_steps:
+                stopped = "max_steps"
+                break
+            train_sampler.set_epoch(epoch, start=batches_done * cfg.batch_size)
+            try:
+                res = train_one_epoch(
+                    train_model,
+                    train_loader,
+                    optimizer,
+                    loss_fn,
+                    epoch=epoch,
+                    device=device,
+                    scheduler=scheduler,
+                    updates=updates,
+                    batches_done=batches_done,
+                    accum_steps=cfg.grad_accum_steps,
+                    clip_grad=cfg.clip_grad,
+                    clip_mode=cfg.clip_mode,
+                    amp_dtype=amp_dtype,
+                    scaler=scaler,
+                    ema=ema,
+                    mixup_fn=mixup_fn,
+                    channels_last=cfg.channels_last,
+                    nan_policy=cfg.nan_policy,
+                    control=control,
+                    progress=cfg.progress and info.is_main,
+                )
+            except NonFiniteLossError as exc:
+                raise TrainingStopped(f"{exc}; last good checkpoint: {run_dir / 'last.state.pt'}") from None
+            updates = res.updates
+            if res.bad_images:
+                _logger.warning(
+                    "epoch %d: skipped %d unreadable image(s), e.g. %s", epoch, len(res.bad_images), res.bad_images[0]
+                )
+            if not res.complete:
+                stopped = res.stop_reason or "signal"
+                save(("last",), epoch, res.batches_done, updates, None)
+                break
+            batches_done = 0
+            ev = evaluate(train_model, val_loader, device=device, amp_dtype=amp_dtype, channels_last=cfg.channels_last)
+            row: dict[str, Any] = dict(
+                epoch=epoch,
+                updates=updates,
+                train_loss=res.loss,
+                val_loss=ev["loss"],
+                val_top1=ev["top1"],
+                val_top5=ev["top5"],
+                lr=res.lr,
+                epoch_seconds=round(res.seconds, 3),
+                images_per_s=round(res.images_per_s, 1),
+                elapsed_s=round(time.perf_counter() - t_start, 2),
+                skipped_nonfinite=res.skipped_nonfinite,
+                bad_images=len(res.bad_images) + len(ev["bad_images"]),
+            )
+            if ema is not None:
+                ev_ema = evaluate(ema.module, val_loader, device=device, amp_dtype=amp_dtype)
+                row.update(ema_top1=ev_ema["top1"], ema_top5=ev_ema["top5"], ema_loss=ev_ema["loss"])
+            kinds: tuple[str, ...] = ("last",)
+            if ev["top1"] > best_top1:
+                best_top1, best_epoch = ev["top1"], epoch
+                kinds = ("last", "best")
+            row["best_top1"] = best_top1
+            log.add(row)
+            last_row = row
+            _logger.info(
+                "epoch %d: train loss %.4f, val loss %.4f, top-1 %.2f%%, top-5 %.2f%%",
+                epoch,
+                res.loss,
+                ev["loss"],
+                ev["top1"],
+                ev["top5"],
+            )
+            save(kinds, epoch + 1, 0, updates, row)
+            if info.is_main and cfg.plots:
+                from .plots import plot_metrics
+
+                plot_metrics(log.rows, run_dir)
+            if res.stop_reason:
+                stopped = res.stop_reason
+                break
+        else:
+            epoch = cfg.epochs
+    barrier()
+    log.close()
+    return TrainResult(
+        run_dir=run_dir,
+        epochs_done=len(log.rows) if info.is_main else epoch,
+        updates=updates,
+        best_top1=best_top1,
+        last=last_row,
+        stopped=stopped,
+        seconds=time.perf_counter() - t_start,
+        metrics=list(log.rows),
+        signal_name=stop.name,
+    )
+
+
+def config_from_state(state: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig stored in a state file (unknown keys from newer versions are ignored)."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in state.get("config", {}).items() if k in names})
