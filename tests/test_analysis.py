@@ -306,3 +306,26 @@ def test_resnet50_self_attention_stage_split_83_percent(use_rel_pos):
     # Stage I grows in share with depth (wider C): paper Sec. 3.3
     shares = [v["share_I"] for v in out["per_stage"].values()]
     assert shares == sorted(shares)
+
+
+# ---------------------------------------------------------------------------------------------------- model table
+@pytest.mark.slow
+def test_model_table_against_paper_and_released_code():
+    """Every registered paper model at 224 x 224: params == numel, within 5% / 7% of the paper's params / MACs
+    (README rounding; SAN's and PVT's own counters differ slightly), within 1% / 2% of the released-code counts of
+    paper.md 2.5 (conv path counted as FC + group conv, as the released code computes it)."""
+    from acmix.analysis.report import model_rows
+
+    skipped: list[str] = []
+    rows = model_rows(check_counter=True, skipped=skipped)
+    assert rows, skipped
+    for r in rows:
+        model = timm.create_model(r["name"])
+        assert r["params"] == numel(model), r["name"]
+        assert abs(r["params_diff_pct"]) <= 5.0, r
+        assert abs(r["macs_diff_pct"]) <= 7.0, r
+        assert r["counter_mismatches"] == 0, r
+        if r.get("released_params"):
+            assert abs(r["params"] / r["released_params"] - 1) <= 0.01, r
+        if r.get("released_macs"):
+            assert abs(r["macs_reference_conv_path"] / r["released_macs"] - 1) <= 0.02, r

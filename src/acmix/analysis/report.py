@@ -138,15 +138,16 @@ def model_rows(
         wanted.append((row.name, _paper_fields(row, baseline=False)))
         wanted.append((row.baseline, _paper_fields(row, baseline=True)))
     known = {n for n, _ in wanted}
+    registered = set(timm.list_models())
     names = _select([n for n, _ in wanted], patterns)
     for p in patterns or ():
-        if p not in known and not any(ch in p for ch in "*?[") and p in timm.list_models():
+        if p not in known and not any(ch in p for ch in "*?[") and p in registered:
             names.append(p)
             wanted.append((p, {"family": None, "role": "other"}))
     paper = dict(wanted)
     rows = []
     for name in dict.fromkeys(names):
-        if name not in timm.list_models():
+        if name not in registered:
             note = f"{name}: not registered (yet); skipped"
             logger.info(note)
             if skipped is not None:
@@ -261,6 +262,7 @@ def build_report(
     *,
     check_counter: bool = True,
     include_models: bool = True,
+    include_split: bool = True,
 ) -> dict[str, Any]:
     """Everything ``acmix cost`` shows, as one JSON-ready dict (top-level keys ``convention``, ``table1``,
     ``stage_split``, ``models``, ``skipped``, ``counter_blind_to``)."""
@@ -270,7 +272,7 @@ def build_report(
         "convention": MAC_CONVENTION,
         "resolution": list(res),
         "table1": {"rows": table1(), "stage_ratio": stage_ratio_table()},
-        "stage_split": stage_split_report(res, skipped),
+        "stage_split": stage_split_report(res, skipped) if include_split else {"models": {}},
         "models": model_rows(patterns, res, check_counter=check_counter, skipped=skipped) if include_models else [],
         "skipped": skipped,
         "counter_blind_to": list(COUNTER_BLIND),
@@ -313,27 +315,8 @@ def render_text(report: dict[str, Any]) -> str:
         + "   ".join(f"C={r['C']}: {r['ratio']:.2f}x" for r in t1["stage_ratio"])
         + f"   (k_att={t1['stage_ratio'][0]['k_att']})\n"
     )
-    ss = report["stage_split"]
-    w(
-        "\nStage I share over the 16 bottleneck 3x3 / attention / ACmix positions of ResNet-50 "
-        "(paper: conv 99%, SA 83%)\n"
-    )
-    w(
-        f"{'count':<28}{'model':<16}"
-        + "".join(f"{s:>9}" for s in ("stage1", "stage2", "stage3", "stage4", "total"))
-        + f"{'Stage I GMACs':>15}{'Stage II GMACs':>16}\n"
-    )
-    for key, m in ss["models"].items():
-        per = m["per_stage"]
-        cells = "".join(
-            f"{100 * per[s]['share_I']:>8.1f}%" if s in per else f"{'-':>9}"
-            for s in ("stage1", "stage2", "stage3", "stage4")
-        )
-        w(
-            f"{key:<28}{m['model']:<16}{cells}{100 * m['share_I']:>8.1f}%"
-            f"{m['stage_I'] / 1e9:>15.3f}{m['stage_II'] / 1e9:>16.3f}\n"
-        )
-    w(f"  {ss['note']}\n")
+    if report["stage_split"]["models"]:
+        _render_split(w, report["stage_split"])
     if report["models"]:
         w(f"\nModels at {report['resolution'][0]}x{report['resolution'][1]} (paper numbers at 224x224)\n")
         w(
@@ -358,6 +341,29 @@ def render_text(report: dict[str, Any]) -> str:
     return out.getvalue()
 
 
+def _render_split(w: Any, ss: dict[str, Any]) -> None:
+    w(
+        "\nStage I share over the 16 bottleneck 3x3 / attention / ACmix positions of ResNet-50 "
+        "(paper: conv 99%, SA 83%)\n"
+    )
+    w(
+        f"{'count':<28}{'model':<16}"
+        + "".join(f"{s:>9}" for s in ("stage1", "stage2", "stage3", "stage4", "total"))
+        + f"{'Stage I GMACs':>15}{'Stage II GMACs':>16}\n"
+    )
+    for key, m in ss["models"].items():
+        per = m["per_stage"]
+        cells = "".join(
+            f"{100 * per[s]['share_I']:>8.1f}%" if s in per else f"{'-':>9}"
+            for s in ("stage1", "stage2", "stage3", "stage4")
+        )
+        w(
+            f"{key:<28}{m['model']:<16}{cells}{100 * m['share_I']:>8.1f}%"
+            f"{m['stage_I'] / 1e9:>15.3f}{m['stage_II'] / 1e9:>16.3f}\n"
+        )
+    w(f"  {ss['note']}\n")
+
+
 CSV_FIELDS = (
     "name", "family", "role", "resolution", "params", "paper_params", "params_diff_pct", "macs", "paper_macs",
     "macs_diff_pct", "macs_reference_conv_path", "paper_top1", "released_params", "released_macs", "counter_macs",
@@ -366,18 +372,14 @@ CSV_FIELDS = (
 
 
 def write_csv(report: dict[str, Any], f: IO[str]) -> None:
-    """The model table as CSV (one row per model; MACs per image, multiply-adds), plus the stage split rows."""
-    writer = csv.writer(f)
-    writer.writerow(["section", *CSV_FIELDS])
+    """The model table as CSV: header :data:`CSV_FIELDS`, one row per model (MACs = multiply-adds per image,
+    resolution as ``HxW``, empty cells for missing values). Table 1 and the stage split are in the text and JSON."""
+    writer = csv.writer(f, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
     for r in report["models"]:
-        vals = [r.get(k) for k in CSV_FIELDS]
-        vals[3] = "x".join(str(x) for x in r.get("resolution", []))
-        writer.writerow(["model", *("" if v is None else v for v in vals)])
-    writer.writerow(["section", "count", "model", "stage_I_macs", "stage_II_macs", "share_I", "proj_at"])
-    for key, m in report["stage_split"]["models"].items():
-        writer.writerow(
-            ["stage_split", key, m["model"], m["stage_I"], m["stage_II"], f"{m['share_I']:.4f}", m["proj_at"]]
-        )
+        vals = {k: r.get(k) for k in CSV_FIELDS}
+        vals["resolution"] = "x".join(str(x) for x in r.get("resolution", []))
+        writer.writerow(["" if vals[k] is None else vals[k] for k in CSV_FIELDS])
 
 
 def plot_fig4(report: dict[str, Any], path: str | Path) -> Path:

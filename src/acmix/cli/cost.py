@@ -36,12 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="JSON with keys table1, stage_split, models")
-    out.add_argument("--csv", action="store_true", help="the model table and stage split as CSV")
+    out.add_argument("--csv", action="store_true", help="the model table as CSV")
     p.add_argument("--plot", metavar="PATH", help="write the paper's Fig. 4 with the measured MACs (PNG)")
     p.add_argument("--resolution", type=int, nargs="+", default=[224], metavar="H [W]", help="input size (default 224)")
     p.add_argument(
         "--models", nargs="+", metavar="PATTERN", help="fnmatch patterns over model names (default: all in the table)"
     )
     p.add_argument("--no-models", action="store_true", help="only Table 1 and the stage split")
+    p.add_argument("--no-split", action="store_true", help="skip the ResNet-50 Stage I / II split")
     p.add_argument("--no-cross-check", action="store_true", help="skip the FlopCounterMode cross-check")
     p.set_defaults(func=run)
