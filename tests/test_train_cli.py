@@ -1,0 +1,217 @@
+"""`acmix train/eval/predict/inspect` in-process on tiny data; bad arguments; SIGTERM/SIGINT and kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from acmix.cli.main import main
+from acmix.train import checkpoint as ckpt
+from acmix.train.data import digits_split
+
+FAST = ["--no-progress", "--threads", "1"]
+
+
+def _digit_folder(root: Path, per_class: int = 12, val_per_class: int = 4) -> Path:
+    """Real digit images (scikit-learn) written as 8 x 8 greyscale PNGs in the ImageNet layout."""
+    from PIL import Image
+
+    xtr, ytr, xva, yva = digits_split()
+    for split, x, y, n in (("train", xtr, ytr, per_class), ("val", xva, yva, val_per_class)):
+        for c in range(10):
+            d = root / split / str(c)
+            d.mkdir(parents=True, exist_ok=True)
+            for j, i in enumerate((y == c).nonzero().flatten()[:n].tolist()):
+                Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8), "L").save(d / f"{j}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """One short training on the PNG folder, shared by the eval/predict/inspect tests."""
+    root = tmp_path_factory.mktemp("digits")
+    data = _digit_folder(root / "data")
+    run = root / "run"
+    argv = ["train", "--data-dir", str(data), "--epochs", "2", "--batch-size", "30", "--hflip", "0", "--lr", "0.005"]
+    code = main([*argv, "--color-jitter", "0", "--output", str(run), *FAST])
+    assert code == 0
+    return data, run
+
+
+def test_train_on_png_folder_writes_run(folder_run, capsys):
+    data, run = folder_run
+    for name in ("last.safetensors", "last.state.pt", "best.safetensors", "config.yaml", "loss.png", "accuracy.png"):
+        assert (run / name).is_file(), name
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1]
+    assert all(0 <= r["val_top1"] <= 100 and r["val_top5"] >= r["val_top1"] for r in rows)
+    st = ckpt.load_state(run / "last.state.pt")
+    assert st["data"]["classes"] == [str(i) for i in range(10)] and st["data"]["in_chans"] == 1
+
+
+def test_eval_matches_training_metrics(folder_run, capsys):
+    data, run = folder_run
+    assert main(["eval", str(run / "last.state.pt"), "--data-dir", str(data), "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    last = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert res["count"] == 40
+    assert abs(res["top1"] - last["val_top1"]) < 1e-6 and abs(res["loss"] - last["val_loss"]) < 1e-5
+
+
+def test_predict_png_and_jpeg(folder_run, tmp_path, capsys):
+    from PIL import Image
+
+    data, run = folder_run
+    png = data / "val" / "3" / "0.png"
+    jpg = tmp_path / "three.jpg"
+    Image.open(png).convert("L").save(jpg, "JPEG", quality=95)
+    assert main(["predict", str(png), str(jpg), "-c", str(run), "--topk", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [o["image"] for o in out] == [str(png), str(jpg)]
+    for o in out:
+        probs = [t["prob"] for t in o["top"]]
+        assert len(probs) == 3 and probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+        assert all(t["class"] in [str(i) for i in range(10)] for t in o["top"])
+    assert main(["predict", str(png), "-c", str(run)]) == 0
+    assert capsys.readouterr().out.startswith(f"{png}: ")
+
+
+def test_inspect_table_and_plot(folder_run, tmp_path, capsys):
+    _, run = folder_run
+    plot = tmp_path / "ab.png"
+    assert main(["inspect", str(run / "last.safetensors"), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "alpha (att)" in out[0]
+    rows = [line.split() for line in out[1:] if line.split() and line.split()[0].isdigit()]
+    assert [r[1] for r in rows] == ["stages.0.0.mix", "stages.1.0.mix"]
+    from safetensors.torch import load_file
+
+    sd = load_file(str(run / "last.safetensors"))
+    assert abs(float(rows[0][2]) - float(sd["stages.0.0.mix.alpha"])) < 1e-4
+    assert abs(float(rows[1][3]) - float(sd["stages.1.0.mix.beta"])) < 1e-4
+    assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_embedded_default_few_steps(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--max-steps", "3", "--output", str(run), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "3 updates" in out and "--resume" in out
+    st = ckpt.load_state(run / "last.state.pt")
+    assert (st["updates"], st["epoch"], st["batches_done"], st["model_name"]) == (3, 0, 3, "acmix_micro")
+    assert main(["train", "--resume", str(run), "--max-steps", "5", *FAST]) == 0
+    assert ckpt.load_state(run / "last.state.pt")["updates"] == 5
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--model", "acmix_mirco"], "unknown model 'acmix_mirco'; did you mean acmix_micro"),
+        (["train", "--data-dir", "/no/such/folder"], "--data-dir not found: /no/such/folder"),
+        (["train", "--batch-size", "0"], "--batch-size must be a positive integer"),
+        (["train", "--batch-size", "x"], "invalid int value: 'x'"),
+        (["train", "--bach-size", "8"], "unrecognized argument '--bach-size'; did you mean --batch-size"),
+        (["train", "--recipe", "swim"], "unknown recipe 'swim'"),
+        (["train", "--amp", "--amp-dtype", "float16", "--device", "cpu", "--max-steps", "1"], "needs a CUDA device"),
+        (["train", "--resume", "/no/such/run"], "no checkpoint state file at /no/such/run"),
+        (["train", "--model-kwargs", "oops"], "expected KEY=VALUE"),
+        (["eval", "/no/such.safetensors"], "checkpoint not found"),
+        (["predict", "x.png", "-c", "/no/run"], "checkpoint not found"),
+        (["inspect", "/no/file.safetensors"], "checkpoint not found"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(argv, message, capsys):
+    assert main([*argv, "--no-progress"] if argv[0] == "train" else argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_predict_missing_image_and_no_acmix_layers(folder_run, tmp_path, capsys):
+    _, run = folder_run
+    assert main(["predict", str(tmp_path / "nope.png"), "-c", str(run)]) == 2
+    assert "image not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["predict", str(bad), "-c", str(run)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read image" in err[0] and "bad.png" in err[0]
+
+
+# ------------------------------------------------------------------------------------------- interruptions
+
+
+def _train_proc(run: Path, *extra: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "acmix", "train", "--output", str(run), "--epochs", "50", *FAST, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.communicate()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError("no checkpoint appeared")
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_checkpoints_and_exits_with_resume_hint(tmp_path, sig, capsys):
+    """The signal arrives (in this process) after the first periodic checkpoint; training must stop cleanly."""
+    run = tmp_path / "run"
+
+    def send_when_checkpointed() -> None:
+        t0 = time.time()
+        while not (run / "last.state.pt").exists() and time.time() - t0 < 120:
+            time.sleep(0.05)
+        os.kill(os.getpid(), sig)
+
+    watcher = threading.Thread(target=send_when_checkpointed, daemon=True)
+    watcher.start()
+    code = main(["train", "--output", str(run), "--epochs", "50", "--checkpoint-every", "3", *FAST])
+    watcher.join()
+    err = capsys.readouterr().err
+    assert code == 130, err
+    assert f"interrupted by {sig.name}" in err and f"acmix train --resume {run}" in err
+    st = ckpt.load_state(run / "last.state.pt")
+    updates = st["updates"]
+    assert updates >= 3 and st["batches_done"] == updates  # written at the stop, not only the periodic one
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert main(["train", "--resume", str(run), "--max-steps", str(updates + 2), *FAST]) == 0
+    assert ckpt.load_state(run / "last.state.pt")["updates"] == updates + 2
+
+
+def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
+    """kill -9 a real run (checkpointing every update) at random moments, then load and resume each time."""
+    import timm
+
+    rng = random.Random(0)
+    run = tmp_path / "run"
+    for attempt in range(3):
+        proc = _train_proc(run, "--checkpoint-every", "1", *(["--resume", str(run)] if attempt else []))
+        _wait_for(run / "last.state.pt", proc)
+        before = ckpt.load_state(run / "last.state.pt")["updates"] if attempt else 0
+        time.sleep(rng.uniform(0.5, 3.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+        st = ckpt.load_state(run / "last.state.pt")
+        assert st["updates"] >= before
+        model = timm.create_model("acmix_micro")
+        ckpt.load_weights(model, ckpt.state_weights_path(run / "last.state.pt", st))
+        ckpt.load_weights(model, run / "last.safetensors")
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    final = ckpt.load_state(run / "last.state.pt")["updates"]
+    assert main(["train", "--resume", str(run), "--max-steps", str(final + 1), *FAST]) == 0
