@@ -40,68 +40,108 @@ def tile_size(n_out: int, stride: int) -> int:
     return min(prefs, key=lambda t: (-(-n_out // t) * t - n_out, prefs.index(t)))
 
 
-@functools.lru_cache(maxsize=64)
-def _axis_plan(n: int, kernel_size: int, stride: int, tile: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Per-axis gather plan.
+@dataclass(frozen=True)
+class AxisPlan:
+    """How one axis (length n) is cut into query tiles and key halos.
 
-    Returns:
-        q_idx (n_tiles * tile,): input positions of the (padded) queries, clamped to the last real query;
-        k_idx (n_tiles * halo,): input positions of each tile's halo keys;
-        log_mult (n_tiles, tile, halo): float64 log multiplicity of each halo key in each query's window (-inf: none).
+    Tile i holds output positions ``[i T, (i + 1) T)`` (queries at input ``y s``) and the keys at input positions
+    ``[i T s - p, i T s - p + L)``, ``L = (T - 1) s + 2 p + 1``: every reflected window key lies in that range
+    (a reflected index never leaves ``[y s - p, y s + p]``, and for ``p >= n - 1`` that range covers the whole
+    axis). Positions outside ``[0, n)`` are zero padding with a ``-inf`` bias. The halos are therefore a regular
+    ``unfold`` of the padded axis: no gather index is needed.
     """
+
+    n: int
+    n_out: int
+    tiles: int
+    tile: int
+    halo: int
+    pad_before: int  # p
+    pad_after: int  # may be negative (the last keys are then never needed)
+    q_pad: int  # queries appended to fill the last tile
+    log_mult: torch.Tensor  # (tiles, tile, halo) float64 log multiplicity; -inf: not in the query's window
+
+
+@functools.lru_cache(maxsize=64)
+def axis_plan(n: int, kernel_size: int, stride: int, tile: int) -> AxisPlan:
+    """The plan of one axis (see :class:`AxisPlan`); ``log_mult`` lives on the CPU."""
+    p = kernel_size // 2
     n_out = -(-n // stride)
-    n_tiles = -(-n_out // tile)
-    rows = torch.arange(n_tiles * tile).clamp(max=n_out - 1)  # output positions, tail padded by repetition
-    counts = multiplicity(n, kernel_size, stride)[rows].reshape(n_tiles, tile, n)  # (n_tiles, tile, n)
-    present = counts.sum(1) > 0  # (n_tiles, n): keys any query of the tile needs
-    idx = torch.arange(n)
-    lo = torch.where(present, idx, n).min(1).values
-    hi = torch.where(present, idx, -1).max(1).values
-    halo = int((hi - lo + 1).max())
-    start = lo.clamp(max=n - halo)  # keep the halo inside [0, n)
-    k_idx = start[:, None] + torch.arange(halo)  # (n_tiles, halo)
-    sel = torch.gather(counts, 2, k_idx[:, None, :].expand(n_tiles, tile, halo)).double()
+    tiles = -(-n_out // tile)
+    halo = (tile - 1) * stride + 2 * p + 1
+    step = tile * stride
+    padded = (tiles - 1) * step + halo
+    rows = torch.arange(tiles * tile).clamp(max=n_out - 1)  # padded queries copy the last real one's bias
+    counts = multiplicity(n, kernel_size, stride)[rows].reshape(tiles, tile, n).double()  # (tiles, tile, n)
+    pos = torch.arange(tiles)[:, None] * step - p + torch.arange(halo)  # (tiles, halo) input positions
+    inside = (pos >= 0) & (pos < n)
+    sel = torch.gather(counts, 2, pos.clamp(0, n - 1)[:, None, :].expand(tiles, tile, halo))
+    sel = torch.where(inside[:, None, :], sel, torch.zeros_like(sel))
     log_mult = torch.where(sel > 0, sel.log(), torch.full_like(sel, -math.inf))
-    return (rows * stride).to(device), k_idx.reshape(-1).to(device), log_mult.to(device)
+    return AxisPlan(n, n_out, tiles, tile, halo, p, padded - p - n, tiles * tile - n_out, log_mult)
 
 
 @dataclass(frozen=True)
 class TilePlan:
-    """Everything the tiled backend needs for one (H, W, k, stride) problem; built once and cached."""
+    """Both axes plus the (n_tiles, T_y*T_x, L_y*L_x) additive bias; built once per problem and cached."""
 
-    tiles: tuple[int, int]  # (n_tiles_y, n_tiles_x)
-    tile: tuple[int, int]  # (T_y, T_x) queries per tile edge
-    halo: tuple[int, int]  # (L_y, L_x) keys per halo edge
-    out: tuple[int, int]  # (Ho, Wo)
-    q_rows: torch.Tensor  # (n_tiles_y * T_y,) input rows of the queries
-    q_cols: torch.Tensor  # (n_tiles_x * T_x,)
-    k_rows: torch.Tensor  # (n_tiles_y * L_y,) input rows of the halo keys
-    k_cols: torch.Tensor  # (n_tiles_x * L_x,)
-    bias: torch.Tensor  # (n_tiles, T_y * T_x, L_y * L_x) log multiplicity, -inf outside the window
+    y: AxisPlan
+    x: AxisPlan
+    bias: torch.Tensor
 
 
 @functools.lru_cache(maxsize=32)
 def tile_plan(h: int, w: int, kernel_size: int, stride: int, device: torch.device, dtype: torch.dtype) -> TilePlan:
-    """Gather indices and the additive bias of the whole map (cached per shape, device and dtype)."""
-    ho, wo = -(-h // stride), -(-w // stride)
-    ty, tx = tile_size(ho, stride), tile_size(wo, stride)
-    qy, ky, by = _axis_plan(h, kernel_size, stride, ty, device)
-    qx, kx, bx = _axis_plan(w, kernel_size, stride, tx, device)
-    nty, ly = by.shape[0], by.shape[2]
-    ntx, lx = bx.shape[0], bx.shape[2]
+    """Tiles and the additive bias of the whole map (cached per shape, device and dtype)."""
+    py = axis_plan(h, kernel_size, stride, tile_size(-(-h // stride), stride))
+    px = axis_plan(w, kernel_size, stride, tile_size(-(-w // stride), stride))
+    by, bx = py.log_mult, px.log_mult
     bias = by[:, None, :, None, :, None] + bx[None, :, None, :, None, :]  # (nty, ntx, Ty, Tx, Ly, Lx)
-    bias = bias.reshape(nty * ntx, ty * tx, ly * lx).to(dtype)
-    return TilePlan((nty, ntx), (ty, tx), (ly, lx), (ho, wo), qy, qx, ky, kx, bias)
+    bias = bias.reshape(py.tiles * px.tiles, py.tile * px.tile, py.halo * px.halo)
+    return TilePlan(py, px, bias.to(device=device, dtype=dtype))
 
 
-def to_tiles(
-    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, ny: int, ty: int, nx: int, tx: int
-) -> torch.Tensor:
-    """Gather (B, N, D, H, W) at rows x cols and lay it out as (B*N, ny*nx, ty*tx, D) (one copy)."""
-    b, n, d = x.shape[:3]
-    g = x.index_select(3, rows).index_select(4, cols)  # (B, N, D, ny*ty, nx*tx)
-    g = g.reshape(b, n, d, ny, ty, nx, tx).permute(0, 1, 3, 5, 4, 6, 2)  # (B, N, ny, nx, ty, tx, D)
-    return g.reshape(b * n, ny * nx, ty * tx, d)
+def query_tiles(q: torch.Tensor, plan: TilePlan, stride: int) -> torch.Tensor:
+    """(B, N, D, H, W) -> (B*N, tiles, T_y*T_x, D): strided queries, padded to whole tiles (one copy)."""
+    b, n, d = q.shape[:3]
+    py, px = plan.y, plan.x
+    qs = F.pad(q[..., ::stride, ::stride], (0, px.q_pad, 0, py.q_pad))  # (B, N, D, nty*Ty, ntx*Tx)
+    qs = qs.reshape(b, n, d, py.tiles, py.tile, px.tiles, px.tile).permute(0, 1, 3, 5, 4, 6, 2)
+    return qs.reshape(b * n, py.tiles * px.tiles, py.tile * px.tile, d)
+
+
+class _HaloTiles(torch.autograd.Function):
+    """pad + unfold + one copy forward; the backward sums overlapping halos with ``F.fold`` (col2im), about twice
+    as fast on CPU as the autograd of two ``unfold`` calls (measured at B = 8, C = 64, 56 x 56)."""
+
+    @staticmethod
+    def forward(ctx, x, plan, stride):  # type: ignore[override]
+        b, n, d = x.shape[:3]
+        py, px = plan.y, plan.x
+        xp = F.pad(x, (px.pad_before, px.pad_after, py.pad_before, py.pad_after))
+        xt = xp.unfold(3, py.halo, py.tile * stride).unfold(4, px.halo, px.tile * stride)  # (B,N,D,nty,ntx,Ly,Lx)
+        xt = xt.permute(0, 1, 3, 4, 5, 6, 2)  # (B, N, nty, ntx, Ly, Lx, D)
+        ctx.meta = (plan, stride, x.shape)
+        return xt.reshape(b * n, py.tiles * px.tiles, py.halo * px.halo, d)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        plan, stride, shape = ctx.meta
+        b, n, d = shape[:3]
+        py, px = plan.y, plan.x
+        cols = grad.reshape(b * n, py.tiles * px.tiles, py.halo * px.halo, d).permute(0, 3, 2, 1)
+        cols = cols.reshape(b * n, d * py.halo * px.halo, py.tiles * px.tiles)  # (B*N, D*Ly*Lx, tiles)
+        size = ((py.tiles - 1) * py.tile * stride + py.halo, (px.tiles - 1) * px.tile * stride + px.halo)
+        out = F.fold(cols, size, (py.halo, px.halo), stride=(py.tile * stride, px.tile * stride))
+        out = F.pad(out, (-px.pad_before, -px.pad_after, -py.pad_before, -py.pad_after))  # crop (or zero-extend)
+        return out.reshape(shape), None, None
+
+
+def halo_tiles(x: torch.Tensor, plan: TilePlan, stride: int) -> torch.Tensor:
+    """(B, N, D, H, W) -> (B*N, tiles, L_y*L_x, D): the zero-padded halo of every tile (one copy)."""
+    out = _HaloTiles.apply(x, plan, stride)
+    assert isinstance(out, torch.Tensor)
+    return out
 
 
 def local_attention_tiled(
@@ -121,10 +161,11 @@ def local_attention_tiled(
     b, n, d, h, w = q.shape
     scale = d**-0.5 if scale is None else scale
     plan = tile_plan(h, w, kernel_size, stride, q.device, q.dtype)
-    (nty, ntx), (ty, tx), (ly, lx), (ho, wo) = plan.tiles, plan.tile, plan.halo, plan.out
-    qt = to_tiles(q, plan.q_rows, plan.q_cols, nty, ty, ntx, tx)  # (B*N, tiles, Ty*Tx, D)
-    kt = to_tiles(offset_keys(k, rel_pos), plan.k_rows, plan.k_cols, nty, ly, ntx, lx)  # (B*N, tiles, Ly*Lx, D)
-    vt = to_tiles(v, plan.k_rows, plan.k_cols, nty, ly, ntx, lx)
+    py, px = plan.y, plan.x
+    qt = query_tiles(q, plan, stride)  # (B*N, tiles, Ty*Tx, D)
+    kt = halo_tiles(offset_keys(k, rel_pos), plan, stride)  # (B*N, tiles, Ly*Lx, D)
+    vt = halo_tiles(v, plan, stride)
     ot = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=plan.bias.unsqueeze(0), scale=float(scale))
-    out = ot.reshape(b, n, nty, ntx, ty, tx, d).permute(0, 1, 6, 2, 4, 3, 5).reshape(b, n, d, nty * ty, ntx * tx)
-    return out[..., :ho, :wo]
+    out = ot.reshape(b, n, py.tiles, px.tiles, py.tile, px.tile, d).permute(0, 1, 6, 2, 4, 3, 5)
+    out = out.reshape(b, n, d, py.tiles * py.tile, px.tiles * px.tile)  # (B, N, D, Ho + pad, Wo + pad)
+    return out[..., : py.n_out, : px.n_out]
