@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/acmix demo
+	$(BIN)/acmix train
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

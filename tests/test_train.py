@@ -371,3 +371,11 @@ def test_resume_gives_the_same_weights(tmp_path):
     for k in ea:
         torch.testing.assert_close(ea[k], eb[k], atol=1e-6, rtol=0, msg=k)
     assert full.last["val_top1"] == resumed.last["val_top1"]
+
+
+@pytest.mark.slow
+def test_default_digits_run_reaches_97_percent(tmp_path):
+    """The README's main job with its defaults: >= 97 % validation top-1 (time: benchmarks/train_digits.py)."""
+    res = run_training(TrainConfig(output=str(tmp_path / "run"), progress=False))
+    assert res.stopped == "" and res.epochs_done == TrainConfig().epochs
+    assert res.last["val_top1"] >= 97.0, res.last

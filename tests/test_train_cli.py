@@ -215,3 +215,27 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
         assert all(torch.isfinite(p).all() for p in model.parameters())
     final = ckpt.load_state(run / "last.state.pt")["updates"]
     assert main(["train", "--resume", str(run), "--max-steps", str(final + 1), *FAST]) == 0
+
+
+def test_corrupt_image_stops_with_its_name_or_is_skipped(tmp_path, capsys):
+    data = _digit_folder(tmp_path / "data", per_class=3, val_per_class=1)
+    good = (data / "train" / "4" / "0.png").read_bytes()
+    (data / "train" / "4" / "zz_truncated.png").write_bytes(good[: len(good) // 2])
+    run = tmp_path / "r"
+    argv = ["train", "--data-dir", str(data), "--epochs", "1", "--batch-size", "8", "--output", str(run), *FAST]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "zz_truncated.png" in err[0] and "--skip-bad-images" in err[0], err
+    assert main([*argv, "--skip-bad-images"]) == 0
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["bad_images"] == 1
+
+
+def test_nonfinite_loss_stops_naming_the_step(tmp_path, capsys):
+    run = tmp_path / "r"
+    argv = ["train", "--opt", "sgd", "--lr", "1e12", "--warmup-epochs", "0", "--output", str(run), *FAST]
+    assert main([*argv, "--checkpoint-every", "1", "--max-steps", "20"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss is nan at epoch 0, batch" in err[0] and "last good checkpoint" in err[0], err
+    st = ckpt.load_state(run / "last.state.pt")  # the checkpoint before the bad step survives
+    assert st["updates"] >= 1

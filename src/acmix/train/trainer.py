@@ -220,6 +220,12 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _last_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    last = lines[-1] if lines else type(exc).__name__
+    return last.split(": ", 1)[1] if last.startswith(("ValueError: ", "CheckpointError: ")) else last
+
+
 def _precheck_data(cfg: TrainConfig) -> None:
     """Fail on empty/missing classes before building anything heavy."""
     if cfg.data_dir is None:
@@ -401,6 +407,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
     def save(kinds: tuple[str, ...], epoch: int, batches: int, ups: int, last_row: dict[str, Any] | None) -> None:
         if not info.is_main:
             return
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            _logger.warning("update %d: non-finite weights, checkpoint not written (the last good one is kept)", ups)
+            return
         st = dict(
             epoch=epoch,
             batches_done=batches,
@@ -463,6 +472,8 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
                 )
             except NonFiniteLossError as exc:
                 raise TrainingStopped(f"{exc}; last good checkpoint: {run_dir / 'last.state.pt'}") from None
+            except ValueError as exc:  # a DataLoader worker's error arrives with its traceback in the message
+                raise ValueError(_last_line(exc)) from None
             updates = res.updates
             if res.bad_images:
                 _logger.warning(
