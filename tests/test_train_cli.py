@@ -126,6 +126,12 @@ def test_train_embedded_default_few_steps(tmp_path, capsys):
         (["train", "--amp", "--amp-dtype", "float16", "--device", "cpu", "--max-steps", "1"], "needs a CUDA device"),
         (["train", "--resume", "/no/such/run"], "no checkpoint state file at /no/such/run"),
         (["train", "--model-kwargs", "oops"], "expected KEY=VALUE"),
+        (["train", "--mixup", "0.8", "--batch-size", "33"], "need an even --batch-size"),
+        (["train", "--resume", "r", "--initial-checkpoint", "w.safetensors"], "contradict each other"),
+        (
+            ["train", "--device", "cuda:7"] if not torch.cuda.is_available() else ["train", "--device", "tpu"],
+            "--device",
+        ),
         (["eval", "/no/such.safetensors"], "checkpoint not found"),
         (["predict", "x.png", "-c", "/no/run"], "checkpoint not found"),
         (["inspect", "/no/file.safetensors"], "checkpoint not found"),

@@ -196,6 +196,8 @@ def run(args: argparse.Namespace) -> int:
 
     flags = collect_flags(args)
     saved = None
+    if flags.get("resume") and (flags.get("initial_checkpoint") or flags.get("pretrained")):
+        raise UsageError("--resume and --initial-checkpoint/--pretrained contradict each other; give one")
     if flags.get("resume"):
         saved = load_state(find_state_file(flags["resume"])).get("config", {})
     cfg = resolve_config(flags, saved=saved)

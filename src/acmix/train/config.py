@@ -135,6 +135,12 @@ class TrainConfig:
             raise ValueError(f"--input-size must be positive, got {self.input_size}")
         if self.mixup_mode not in ("batch", "pair", "elem"):
             raise ValueError(f"--mixup-mode must be batch, pair or elem, got {self.mixup_mode!r}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.batch_size % 2:
+            raise ValueError(f"--mixup/--cutmix need an even --batch-size, got {self.batch_size}")
+        if self.resume and self.initial_checkpoint:
+            raise ValueError("--resume and --initial-checkpoint contradict each other; give one")
+        if self.resume and self.pretrained:
+            raise ValueError("--resume and --pretrained contradict each other; a resumed run loads its own weights")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
