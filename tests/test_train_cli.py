@@ -245,3 +245,29 @@ def test_nonfinite_loss_stops_naming_the_step(tmp_path, capsys):
     assert len(err) == 1 and "loss is nan at epoch 0, batch" in err[0] and "last good checkpoint" in err[0], err
     st = ckpt.load_state(run / "last.state.pt")  # the checkpoint before the bad step survives
     assert st["updates"] >= 1
+
+
+def test_amp_channels_last_accumulation_ema_mixup_clip_run(tmp_path, capsys):
+    run = tmp_path / "r"
+    argv = ["train", "--amp", "--channels-last", "--grad-accum-steps", "2", "--model-ema", "--clip-grad", "1.0"]
+    argv += ["--mixup", "0.8", "--cutmix", "1.0", "--max-steps", "3", "--output", str(run), *FAST]
+    assert main(argv) == 0
+    st = ckpt.load_state(run / "last.state.pt")
+    assert (st["updates"], st["batches_done"]) == (3, 6)  # 2 batches per update
+    assert (run / "last.ema.safetensors").is_file() and st["config"]["amp"] is True
+
+
+def test_eval_plain_state_dict_through_the_model_loader(folder_run, tmp_path, capsys):
+    """A bare timm-style .pth (a plain state dict) with --model goes through acmix.models.load_official_checkpoint."""
+    from safetensors.torch import load_file
+
+    data, run = folder_run
+    sd = load_file(str(run / "last.safetensors"))
+    pth = tmp_path / "weights.pth"
+    torch.save({"state_dict": sd}, pth)
+    assert main(["eval", str(pth), "--model", "acmix_micro", "--num-classes", "10", "--data-dir", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "acmix_micro" in out and "on 40 images" in out
+    assert main(["eval", str(run / "last.state.pt"), "--data-dir", str(data), "--json"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    assert f"top-1 {ours['top1']:.2f}%" in out
