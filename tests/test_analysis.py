@@ -329,3 +329,88 @@ def test_model_table_against_paper_and_released_code():
             assert abs(r["params"] / r["released_params"] - 1) <= 0.01, r
         if r.get("released_macs"):
             assert abs(r["macs_reference_conv_path"] / r["released_macs"] - 1) <= 0.02, r
+
+
+# ---------------------------------------------------------------------------------------------------- host layers
+class _Tokens(nn.Module):
+    """Feeds a (B, C, H, W) map to a token attention as (B, P + H W, C) with ``feat_size`` (test-only)."""
+
+    def __init__(self, attn: nn.Module, prefix: int = 0) -> None:
+        super().__init__()
+        self.attn, self.prefix = attn, prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2)  # (B, HW, C)
+        t = torch.cat([t.new_zeros(b, self.prefix, c), t], 1)  # (B, P + HW, C)
+        return self.attn(t, (h, w), num_prefix_tokens=self.prefix)
+
+
+class _Map(nn.Module):
+    """Feeds a (B, C, H, W) map to a Swin ACmix attention as (B, H, W, C) (test-only)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.attn = attn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x.permute(0, 2, 3, 1))
+
+
+def _host_layer(kind: str, kwargs: dict) -> tuple[nn.Module, int, int]:
+    """(model, in_chans, H): a host attention layer wrapped to take an image-like input."""
+    if kind == "sra":
+        mod = pytest.importorskip("acmix.layers.acmix_pvt")
+        cls = mod.ACmixSpatialReductionAttention if kwargs.pop("acmix", False) else mod.SpatialReductionAttention
+        prefix = kwargs.pop("prefix", 0)
+        return _Tokens(cls(32, 2, **kwargs), prefix), 32, 12
+    if kind == "san":
+        mod = pytest.importorskip("acmix.layers.acmix_san")
+        cls = mod.ACmixSanAttention if kwargs.pop("acmix", False) else mod.SanAttention
+        return cls(32, 4, 16, share_planes=4, **kwargs), 32, 9
+    mod = pytest.importorskip("acmix.layers.acmix_swin")
+    return _Map(mod.AcmixWindowAttention(24, 3, window_size=7, **kwargs)), 24, 14
+
+
+HOST_CASES = [
+    ("sra", {"sr_ratio": 4}),
+    ("sra", {"sr_ratio": 1, "prefix": 1}),
+    ("sra", {"sr_ratio": 4, "acmix": True}),
+    ("sra", {"sr_ratio": 2, "acmix": True, "conv_impl": "reference"}),
+    ("san", {"sa_type": "patchwise"}),
+    ("san", {"sa_type": "pairwise"}),
+    ("san", {"sa_type": "patchwise", "acmix": True}),
+    ("san", {"sa_type": "pairwise", "acmix": True, "conv_impl": "reference"}),
+    ("swin", {}),
+    ("swin", {"conv_impl": "reference"}),
+    ("swin", {"mix": "attn"}),
+    ("swin", {"mix": "conv"}),
+]
+
+
+@pytest.mark.parametrize("kind,kwargs", HOST_CASES, ids=lambda v: v if isinstance(v, str) else str(v))
+def test_host_attention_rules_params_and_counter(kind, kwargs):
+    model, in_chans, size = _host_layer(kind, dict(kwargs))
+    mc = walk(model, size, in_chans=in_chans)
+    assert mc.params == numel(model)
+    costed = [m for m in mc.modules if m.kind not in ("norm", "other", "linear", "conv")]
+    assert len(costed) == 1 and costed[0].is_mixer is False  # no model stage: not a mixer position
+    cc = cross_check(model, size, model_cost=mc)
+    assert not cc.mismatches and cc.counter_macs == cc.analytic_visible_macs, cc.to_dict()
+    comp = mc.by_component()
+    assert comp[Component.PROJECTION]["macs"] > 0
+    if kwargs.get("acmix") or kind == "swin":
+        assert comp[Component.SHIFT_CONV]["params"] > 0
+        if kwargs.get("mix") != "attn":
+            assert comp[Component.SHIFT_CONV]["macs"] > 0
+
+
+def test_sra_and_swin_rules_read_the_call():
+    # the SRA rule takes feat_size / num_prefix_tokens from the call: the logits cover P + HW queries
+    model, c, size = _host_layer("sra", {"sr_ratio": 1, "prefix": 1})
+    logits = walk(model, size, in_chans=c).by_component()[Component.ATTN_LOGITS]["macs"]
+    assert logits == (size * size + 1) ** 2 * 32
+    # the Swin ACmix rule pads the attention to the window and runs the conv path on the unpadded map
+    swin = pytest.importorskip("acmix.layers.acmix_swin").AcmixWindowAttention(24, 3, window_size=7)
+    got = walk(_Map(swin), 14, in_chans=24).total
+    assert got.macs == window_attention_cost(24, 3, 7, 14, 14, acmix=True, conv_impl="fused").macs

@@ -144,7 +144,7 @@ def cross_check(
 ) -> CrossCheck:
     """Compare the walker's counter-visible MACs with FlopCounterMode, in total and module by module."""
     mc = model_cost or walk(model, input_size, name=name)
-    total, per = counter_macs(model, mc.input_size, in_chans=_first_in_chans(model))
+    total, per = counter_macs(model, mc.input_size, in_chans=mc.in_chans)
     visible = mc.total.counter_visible_macs
     mismatches = []
     for m in mc.modules:
@@ -163,10 +163,3 @@ def _counting_scope(model: nn.Module, reference_backend: bool) -> Iterator[None]
     reference local attention."""
     with sdpa_kernel([SDPBackend.MATH]), reference_attention(model) if reference_backend else contextlib.nullcontext():
         yield
-
-
-def _first_in_chans(model: nn.Module) -> int:
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            return m.in_channels
-    return 3

@@ -304,6 +304,7 @@ class ModelCost:
     modules: list[ModuleCost] = field(default_factory=list)
     proj_at: str = "input"
     traced_with: str = "fake"
+    in_chans: int = 3
 
     @property
     def total(self) -> Cost:
@@ -517,6 +518,7 @@ def walk(
         handles.append(mod.register_forward_hook(hook, with_kwargs=True))
     training = {m: m.training for m in model.modules()}
     model.eval()
+    chans = in_chans or _in_chans(model)
 
     def reset() -> None:
         for calls in records.values():
@@ -524,13 +526,13 @@ def walk(
 
     try:
         with reference_attention(model):
-            traced = _run_forward(model, (1, in_chans or _in_chans(model), h, w), fake, reset)
+            traced = _run_forward(model, (1, chans, h, w), fake, reset)
     finally:
         for hd in handles:
             hd.remove()
         for m, t in training.items():
             m.train(t)
-    result = ModelCost(name or type(model).__name__, (h, w), proj_at=proj_at, traced_with=traced)
+    result = ModelCost(name or type(model).__name__, (h, w), proj_at=proj_at, traced_with=traced, in_chans=chans)
     # stages: from names; modules before the first stage are "stem", after it "head"
     seen_stage = False
     seen_params: set[int] = set()
