@@ -223,6 +223,16 @@ def test_drop_path_rate_and_in_chans(name):
         assert model(x).shape == (1, 3)
 
 
+@pytest.mark.parametrize("coarse", [False, True])
+def test_group_matcher_covers_every_parameter_in_order(coarse):
+    for name in SMALL:
+        model = _tiny(name)
+        groups = timm.models.group_parameters(model, model.group_matcher(coarse))
+        assert sum(len(v) for v in groups.values()) == len(dict(model.named_parameters()))
+        firsts = [v[0] for v in groups.values()]
+        assert firsts[-1].startswith("head") and firsts[0].startswith(("stem", "cls_token"))
+
+
 def test_no_weight_decay_names_exist():
     for name in SMALL:
         model = _tiny(name)

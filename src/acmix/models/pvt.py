@@ -310,9 +310,14 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        fine = [
+            (r"^stages\.(\d+)\.(?:patch_embed|pos_embed)", (0,)),  # the stage's embedding opens it
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^norm", (99999,)),
+        ]
         return dict(
-            stem=r"^cls_token|^stages\.0\.(patch_embed|pos_embed)",
-            blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.blocks\.(\d+)", None), (r"^norm", (99999,))],
+            stem=r"^cls_token|^stages\.0\.(?:patch_embed|pos_embed)",
+            blocks=[(r"^stages\.(\d+)", None), (r"^norm", (99999,))] if coarse else fine,
         )
 
     @torch.jit.ignore

@@ -210,7 +210,12 @@ class SAN(OfficialWeightsMixin, nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.blocks\.(\d+)")
+        fine = [
+            (r"^stages\.(\d+)\.conv", (0,)),  # the transition conv opens its stage
+            (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+            (r"^stages\.(\d+)\.norm", (99999,)),  # the stage-closing BN
+        ]
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else fine)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
