@@ -308,6 +308,24 @@ def test_resnet50_self_attention_stage_split_83_percent(use_rel_pos):
     assert shares == sorted(shares)
 
 
+# ---------------------------------------------------------------------------------------------------- SAN counter
+def test_elementwise_convention_hand_computed():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2))
+    plain, ew = walk(model, 6), walk(model, 6, elementwise=True)
+    assert plain.macs == 27 * 8 * 36 and plain.params == ew.params == numel(model)
+    # conv bias adds 8*36, BatchNorm 2 per element, ReLU 1 per element, max pool 1 per input element
+    assert ew.macs - plain.macs == 8 * 36 + 2 * 8 * 36 + 8 * 36 + 8 * 36
+    assert ew.by_component()[Component.ELEMENTWISE]["macs"] == 5 * 8 * 36
+
+
+def test_san10_paper_macs_use_the_san_counter_convention():
+    """SAN's README 1.9 G for SAN10 is its ptflops-style counter: multiply-adds alone round to 1.8 G."""
+    model = timm.create_model("san10")
+    plain, ew = walk(model, 224), walk(model, 224, elementwise=True)
+    assert plain.params == numel(model)
+    assert round(plain.macs / 1e9, 1) == 1.8 and round(ew.macs / 1e9, 1) == 1.9
+
+
 # ---------------------------------------------------------------------------------------------------- model table
 @pytest.mark.slow
 def test_model_table_against_paper_and_released_code():
@@ -329,6 +347,9 @@ def test_model_table_against_paper_and_released_code():
             assert abs(r["params"] / r["released_params"] - 1) <= 0.01, r
         if r.get("released_macs"):
             assert abs(r["macs_reference_conv_path"] / r["released_macs"] - 1) <= 0.02, r
+        if r["family"] == "san" or r["role"] == "baseline" and r["family"] == "resnet":
+            # SAN's README numbers, rounded to 0.1 G, are its counter's (multiply-adds + BN, ReLU, bias, pooling)
+            assert round(r["macs_san_counter"] / 1e9, 1) == round(r["paper_macs"] / 1e9, 1), r
 
 
 # ---------------------------------------------------------------------------------------------------- host layers

@@ -79,6 +79,7 @@ class Component:
     LINEAR = "linear"  # any other Linear (classifier, patch merging)
     NORM = "norm"
     OTHER = "other"  # parameters of anything else (position embeddings, cls token, ...)
+    ELEMENTWISE = "elementwise"  # SAN-counter convention only: conv bias adds, BatchNorm, ReLU, pooling
 
 
 @dataclass(frozen=True)
@@ -557,6 +558,7 @@ def san_attention_cost(
     acmix: bool = False,
     conv_kernel_size: int = 3,
     conv_impl: str = "reference",
+    elementwise: bool = False,
 ) -> Cost:
     """SAN's self-attention module (paper.md 4.2) on an H x W map, stride 1 (+ this project's ACmix conv path).
 
@@ -565,7 +567,8 @@ def san_attention_cost(
     k^2 out_dim / share_planes) and k^2 HW for pairwise (input rel_dim + 2, plus the 2 -> 2 ``conv_p`` on the
     coordinate map), counted as ``attn_logits``; the aggregation of v, k^2 * out_dim per pixel. ACmix adds the conv
     path over M = (2 rel_dim + out_dim) / head_dim head maps, head_dim = out_dim / share_planes (FC without bias,
-    group conv out_dim x k_c^2 x k_c x k_c), and alpha, beta (acmix.layers.acmix_san).
+    group conv out_dim x k_c^2 x k_c x k_c), and alpha, beta (acmix.layers.acmix_san). ``elementwise`` adds what
+    SAN's own counter also counts inside the module: conv bias adds, BatchNorm (2 per element), ReLU.
     """
     _check_pos(dim=dim, rel_dim=rel_dim, out_dim=out_dim, h=h, w=w, share_planes=share_planes)
     if sa_type not in ("patchwise", "pairwise"):
@@ -584,6 +587,9 @@ def san_attention_cost(
     if acmix:
         items.extend(conv_path_items(out_dim, c_qkv // wc, wc, conv_kernel_size, hw, hw, conv_impl=conv_impl))
         items.append(_item(Component.MIX, STAGE_II, 2, 0))
+    if elementwise:  # qkv bias; conv_w: BN + ReLU on w_in and w_mid channels, bias of its last conv
+        ew = c_qkv * hw + (3 * w_in + 3 * w_mid + w_out) * pix + (2 * hw if sa_type == "pairwise" else 0)
+        items.append(_item(Component.ELEMENTWISE, NO_STAGE, 0, ew, counter_visible=False))
     return Cost(tuple(items))
 
 

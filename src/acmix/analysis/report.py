@@ -69,6 +69,9 @@ FIG4_POINTS: dict[str, list[tuple[str, list[tuple[float, float, str]]]]] = {
         ("ConT", [(3.1, 80.2, "M"), (6.4, 81.8, "B")]),
     ],
 }
+#: families whose paper numbers come from SAN's counter (``util/complexity.py``): multiply-adds plus conv bias adds,
+#: BatchNorm, ReLU and pooling (paper.md 3.2: the ResNet baselines are SAN-trained, numbers from the SAN README)
+SAN_COUNTER_FAMILIES = ("san", "resnet")
 _FAMILY_PANEL = {"resnet": "ResNet", "san": "SAN", "pvt": "PVT", "swin": "Swin"}
 
 
@@ -128,8 +131,9 @@ def model_rows(
         rows with ``name``, ``family``, ``role``, ``params``, ``macs``, ``paper_params``, ``paper_macs``,
         ``params_diff_pct``, ``macs_diff_pct``, ``paper_top1``, ``released_params``, ``released_macs``,
         ``macs_reference_conv_path`` (ACmix rows: conv paths counted as FC + group conv, the paper's formulation,
-        where ``macs`` counts what the modules run) and, with ``check_counter``, ``counter_macs`` (FlopCounterMode)
-        and ``counter_blind_macs`` (the analytic MACs it cannot see).
+        where ``macs`` counts what the modules run), ``macs_san_counter`` (SAN and ResNet rows: SAN's counter
+        convention, which adds conv bias adds, BatchNorm, ReLU and pooling) and, with ``check_counter``,
+        ``counter_macs`` (FlopCounterMode) and ``counter_blind_macs`` (the analytic MACs it cannot see).
     """
     res = _hw(resolution)
     timm, table = _registry()
@@ -165,6 +169,8 @@ def model_rows(
         row = {"name": name, **_measured(mc), **paper[name], "resolution": list(res)}
         if paper[name].get("role") == "acmix":  # the paper's formulation of the conv path (FC + group conv)
             row["macs_reference_conv_path"] = walk(model, res, name=name, conv_impl="reference").macs
+        if paper[name].get("family") in SAN_COUNTER_FAMILIES:  # numbers from SAN's counter: same convention too
+            row["macs_san_counter"] = walk(model, res, name=name, elementwise=True).macs
         for key in ("params", "macs"):
             ref = row.get(f"paper_{key}")
             row[f"{key}_diff_pct"] = (
@@ -321,20 +327,22 @@ def render_text(report: dict[str, Any]) -> str:
         w(f"\nModels at {report['resolution'][0]}x{report['resolution'][1]} (paper numbers at 224x224)\n")
         w(
             f"{'model':<38}{'params M':>10}{'paper':>8}{'diff':>8}{'GMACs':>8}{'paper':>8}{'diff':>8}"
-            f"{'FC+gc':>8}{'counter':>9}{'blind':>7}{'top-1':>7}\n"
+            f"{'FC+gc':>8}{'SANcnt':>8}{'counter':>9}{'blind':>7}{'top-1':>7}\n"
         )
         for r in report["models"]:
             w(
                 f"{r['name']:<38}{_g(r['params'], 1e6):>10}{_g(r.get('paper_params'), 1e6, 1):>8}"
                 f"{_pct(r.get('params_diff_pct')):>8}{_g(r['macs'], 1e9):>8}{_g(r.get('paper_macs'), 1e9, 1):>8}"
                 f"{_pct(r.get('macs_diff_pct')):>8}{_g(r.get('macs_reference_conv_path'), 1e9):>8}"
+                f"{_g(r.get('macs_san_counter'), 1e9):>8}"
                 f"{_g(r.get('counter_macs'), 1e9):>9}"
                 f"{_g(r.get('counter_blind_macs'), 1e9):>7}{r.get('paper_top1') or '-':>7}\n"
             )
         w(
             "  GMACs: what the built modules compute; FC+gc: ACmix conv paths counted as FC + group conv (the paper's\n"
-            "  formulation); counter = FlopCounterMode MACs (FLOPs/2); blind = analytic MACs it cannot see (unfold\n"
-            "  attention, tensor shifts); top-1 = the paper's\n"
+            "  formulation); SANcnt: SAN's counter convention (+ conv bias adds, BatchNorm, ReLU, pooling), which the\n"
+            "  SAN and ResNet numbers of the paper use; counter = FlopCounterMode MACs (FLOPs/2); blind = analytic\n"
+            "  MACs it cannot see (unfold attention, tensor shifts); top-1 = the paper's\n"
         )
     for note in report.get("skipped", []):
         w(f"skipped: {note}\n")
@@ -366,8 +374,8 @@ def _render_split(w: Any, ss: dict[str, Any]) -> None:
 
 CSV_FIELDS = (
     "name", "family", "role", "resolution", "params", "paper_params", "params_diff_pct", "macs", "paper_macs",
-    "macs_diff_pct", "macs_reference_conv_path", "paper_top1", "released_params", "released_macs", "counter_macs",
-    "counter_blind_macs",
+    "macs_diff_pct", "macs_reference_conv_path", "macs_san_counter", "paper_top1", "released_params",
+    "released_macs", "counter_macs", "counter_blind_macs",
 )  # fmt: skip
 
 

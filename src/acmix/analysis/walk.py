@@ -76,10 +76,14 @@ class WalkContext:
         proj_at: count strided projections at ``"input"`` (as built) or ``"output"`` resolution.
         conv_impl: count ACmix conv paths as ``"reference"`` (FC + group conv, the paper's formulation) or
             ``"fused"`` (one grouped conv); ``None`` counts what each module is built to run.
+        elementwise: also count what SAN's counter (``util/complexity.py``, a ptflops derivative, used for the
+            SAN and ResNet numbers of paper.md 3.2) counts: conv bias adds (1 per output element), BatchNorm (2 per
+            element), ReLU (1 per element) and pooling (1 per input element), as component ``elementwise``.
     """
 
     proj_at: ProjAt = "input"
     conv_impl: str | None = None
+    elementwise: bool = False
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,13 @@ def _conv_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, 
         m.in_channels, m.out_channels, (kh, kw), h, w, stride=(m.stride[0], m.stride[1]), groups=m.groups,
         bias=m.bias is not None, decompose=mixer, out_hw=out_hw,
     )  # fmt: skip
+    if ctx.elementwise and m.bias is not None and call and call.output_shape:
+        cost = cost + _elementwise(_prod(call.output_shape))
     return ("conv_kxk" if mixer else "conv"), _ran(cost, call)
+
+
+def _elementwise(macs: int) -> Cost:
+    return Cost((CostItem(Component.ELEMENTWISE, NO_STAGE, 0, macs, counter_visible=False),))
 
 
 @register_rule(nn.Linear)
@@ -152,11 +162,26 @@ def _linear_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str
 
 
 def _norm_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
-    return "norm", Cost((CostItem(Component.NORM, NO_STAGE, _own_params(m), 0),))
+    cost = Cost((CostItem(Component.NORM, NO_STAGE, _own_params(m), 0),))
+    if ctx.elementwise and call and isinstance(m, nn.modules.batchnorm._BatchNorm):
+        cost = cost + _elementwise(_prod(call.input_shape) * (2 if m.affine else 1))
+    return "norm", cost
 
 
 for _norm in (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm, nn.SyncBatchNorm):
     RULES[_norm] = _norm_rule
+
+
+def _elementwise_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
+    """ReLU (1 per output element) and pooling (1 per input element): counted only with ``ctx.elementwise``."""
+    if not ctx.elementwise or call is None:
+        return "elementwise", Cost()
+    pool = isinstance(m, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+    return "elementwise", _elementwise(_prod(call.input_shape if pool else call.output_shape or call.input_shape))
+
+
+for _ew in (nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d):
+    RULES[_ew] = _elementwise_rule
 
 
 @register_rule(ACmix)
@@ -232,7 +257,7 @@ def _san_rule(mod: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str,
         int(m.dim), int(m.rel_dim), int(m.out_dim), h, w,
         share_planes=int(m.share_planes), kernel_size=int(m.kernel_size),
         sa_type=str(m.sa_type), acmix=is_acmix, conv_kernel_size=int(getattr(m, "conv_kernel_size", 3)),
-        conv_impl=ctx.conv_impl or str(getattr(m, "conv_impl", "fused")),
+        conv_impl=ctx.conv_impl or str(getattr(m, "conv_impl", "fused")), elementwise=ctx.elementwise,
     )  # fmt: skip
     return ("acmix" if is_acmix else "san"), _ran(cost, call)
 
@@ -464,6 +489,7 @@ def walk(
     in_chans: int | None = None,
     proj_at: ProjAt = "input",
     conv_impl: str | None = None,
+    elementwise: bool = False,
     fake: bool = True,
 ) -> ModelCost:
     """Cost every module of a built model on one (1, in_chans, H, W) input.
@@ -476,6 +502,8 @@ def walk(
         proj_at: count strided projections at ``"input"`` resolution (as built) or ``"output"`` (paper.md 1.3).
         conv_impl: ``"reference"`` counts every ACmix conv path as FC + group conv (the paper's formulation,
             108 C per pixel for k_c = 3 whatever N); ``None`` counts what the modules run (``"fused"``: 3N k_c^2 C).
+        elementwise: SAN's counter convention (:class:`WalkContext`): also count conv bias adds, BatchNorm, ReLU
+            and pooling. Off by default: the paper's MACs are multiply-adds.
         fake: trace on fake tensors (no arithmetic); falls back to a real forward if an op cannot run fake.
 
     Returns:
@@ -486,7 +514,7 @@ def walk(
         raise ValueError(f"input_size must be positive, got {input_size!r}")
     if conv_impl not in (None, "reference", "fused"):
         raise ValueError(f"conv_impl must be None, 'reference' or 'fused', got {conv_impl!r}")
-    ctx = WalkContext(proj_at=proj_at, conv_impl=conv_impl)
+    ctx = WalkContext(proj_at=proj_at, conv_impl=conv_impl, elementwise=elementwise)
     # choose the costed modules: a module with a rule, not inside another costed module
     costed: list[tuple[str, nn.Module, Rule]] = []
     claimed: list[str] = []
@@ -569,10 +597,9 @@ def walk(
         if kind == "conv_kxk" and stage in ("stem", "head"):  # a k x k conv outside the stages: not a mixer
             cost = Cost(
                 tuple(
-                    CostItem(Component.CONV, NO_STAGE, i.params, i.macs)
-                    if i.in_total
-                    else CostItem(Component.CONV, NO_STAGE, 0, 0, False)
+                    CostItem(Component.CONV, NO_STAGE, i.params, i.macs) if i.component == Component.PROJECTION else i
                     for i in cost
+                    if i.component != Component.SHIFT_SUM
                 )
             )
             kind = "conv"
