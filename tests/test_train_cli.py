@@ -101,6 +101,12 @@ def test_inspect_table_and_plot(folder_run, tmp_path, capsys):
     assert abs(float(rows[0][2]) - float(sd["stages.0.0.mix.alpha"])) < 1e-4
     assert abs(float(rows[1][3]) - float(sd["stages.1.0.mix.beta"])) < 1e-4
     assert plot.is_file() and plot.read_bytes()[:4] == b"\x89PNG"
+    bare = tmp_path / "bare.safetensors"  # weights alone (no state file): read from the key names
+    bare.write_bytes((run / "last.safetensors").read_bytes())
+    assert main(["inspect", str(bare), "--json", "--no-plot"]) == 0
+    rows_bare = json.loads(capsys.readouterr().out)
+    assert [r["layer"] for r in rows_bare] == ["stages.0.0.mix", "stages.1.0.mix"]
+    assert abs(rows_bare[1]["beta"] - float(sd["stages.1.0.mix.beta"])) < 1e-6
 
 
 def test_train_embedded_default_few_steps(tmp_path, capsys):

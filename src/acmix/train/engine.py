@@ -146,7 +146,7 @@ def train_one_epoch(
         if len(batch) > 2 and batch[2]:
             bad.extend(batch[2])
         i += 1
-        last_of_group = (i - batches_done) % accum_steps == 0 or i == n_batches
+        last_of_group = i % accum_steps == 0 or i == n_batches  # groups aligned to the epoch start
         if x.numel() == 0:  # every image of the batch was unreadable and skipped
             if bar is not None:
                 bar.update(1)

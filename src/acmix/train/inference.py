@@ -144,7 +144,7 @@ def _pil_to_tensor(img: Any, data: dict[str, Any]) -> torch.Tensor:
 
 
 def load_image(path: str | Path, data: dict[str, Any]) -> torch.Tensor:
-    """One image file -> (C, H, W) tensor with the checkpoint's eval transform (digits: 8 x 8, inverted if dark)."""
+    """One image file -> (C, H, W) tensor with the checkpoint's eval transform (digits: 8 x 8 grey, ink bright)."""
     from PIL import Image, UnidentifiedImageError
 
     p = Path(path)
@@ -196,9 +196,19 @@ def acmix_alpha_beta(model: nn.Module) -> list[dict[str, Any]]:
 
 
 def alpha_beta_from_state_dict(sd: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
-    """Like :func:`acmix_alpha_beta` from raw weights (keys ``<layer>.alpha`` / ``<layer>.beta``), file order."""
+    """Like :func:`acmix_alpha_beta` from raw weights (keys ``<layer>.alpha`` / ``<layer>.beta``), natural order.
+
+    Without the model, depth order is approximated by sorting layer names with numbers compared as numbers
+    (``stages.2`` before ``stages.10``).
+    """
+    import re
+
+    def natural(key: str) -> list[Any]:
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", key)]
+
     rows = []
-    for k, v in sd.items():
+    for k in sorted(sd, key=natural):
+        v = sd[k]
         if k.endswith(".alpha") or k == "alpha":
             layer = k[: -len(".alpha")] if k != "alpha" else "<root>"
             bkey = f"{layer}.beta" if k != "alpha" else "beta"
