@@ -129,6 +129,8 @@ def test_train_embedded_default_few_steps(tmp_path, capsys):
         (["train", "--batch-size", "x"], "invalid int value: 'x'"),
         (["train", "--bach-size", "8"], "unrecognized argument '--bach-size'; did you mean --batch-size"),
         (["train", "--recipe", "swim"], "unknown recipe 'swim'"),
+        (["train", "--opt", "adamww"], "unknown optimizer --opt 'adamww'; did you mean adamw"),
+        (["train", "--sched", "cosin"], "unknown scheduler --sched 'cosin'; did you mean cosine"),
         (["train", "--amp", "--amp-dtype", "float16", "--device", "cpu", "--max-steps", "1"], "needs a CUDA device"),
         (["train", "--resume", "/no/such/run"], "no checkpoint state file at /no/such/run"),
         (["train", "--model-kwargs", "oops"], "expected KEY=VALUE"),
@@ -277,3 +279,13 @@ def test_eval_plain_state_dict_through_the_model_loader(folder_run, tmp_path, ca
     assert main(["eval", str(run / "last.state.pt"), "--data-dir", str(data), "--json"]) == 0
     ours = json.loads(capsys.readouterr().out)
     assert f"top-1 {ours['top1']:.2f}%" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_cuda_amp_channels_last_few_steps(tmp_path, dtype):
+    run = tmp_path / "r"
+    argv = ["train", "--device", "cuda", "--amp", "--amp-dtype", dtype, "--channels-last", "--max-steps", "3"]
+    assert main([*argv, "--output", str(run), "--no-progress"]) == 0
+    st = ckpt.load_state(run / "last.state.pt")
+    assert st["updates"] == 3 and (st["scaler"] is not None) == (dtype == "float16")

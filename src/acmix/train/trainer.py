@@ -237,10 +237,31 @@ def _precheck_data(cfg: TrainConfig) -> None:
     scan_image_folder(root / cfg.val_split, {c: i for i, c in enumerate(classes)})
 
 
+# stepped per update (timm step_update); "plateau" needs per-epoch metrics and is not offered
+_SCHEDULERS = ("cosine", "tanh", "step", "constant", "multistep", "poly", "wsd", "rsqrt", "none")
+
+
+def check_optimizer_and_scheduler(cfg: TrainConfig) -> None:
+    """Unknown ``--opt`` / ``--sched`` names: ValueError with close matches, before any work."""
+    from timm.optim import list_optimizers
+
+    names = list(list_optimizers())
+    opt = cfg.opt.lower().split("_")[-1]
+    if opt not in names:
+        close = difflib.get_close_matches(opt, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown optimizer --opt {cfg.opt!r}{hint}")
+    if cfg.sched not in _SCHEDULERS:
+        close = difflib.get_close_matches(cfg.sched, _SCHEDULERS, n=2)
+        hint = f"; did you mean {', '.join(close)}?" if close else f" (choose from {', '.join(_SCHEDULERS)})"
+        raise ValueError(f"unknown scheduler --sched {cfg.sched!r}{hint}")
+
+
 def run_training(cfg: TrainConfig) -> TrainResult:
     """Train according to ``cfg`` (see module docstring). Call under ``torchrun`` for DDP."""
     cfg.validate()
     check_model_name(cfg.model)
+    check_optimizer_and_scheduler(cfg)
     _precheck_data(cfg)
     info, device = init_distributed(cfg.device)
     try:
