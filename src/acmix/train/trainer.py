@@ -245,15 +245,15 @@ def check_optimizer_and_scheduler(cfg: TrainConfig) -> None:
     """Unknown ``--opt`` / ``--sched`` names: ValueError with close matches, before any work."""
     from timm.optim import list_optimizers
 
-    names = list(list_optimizers())
+    names: list[str] = [str(n) for n in list_optimizers()]
     opt = cfg.opt.lower().split("_")[-1]
     if opt not in names:
         close = difflib.get_close_matches(opt, names, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ValueError(f"unknown optimizer --opt {cfg.opt!r}{hint}")
     if cfg.sched not in _SCHEDULERS:
-        close = difflib.get_close_matches(cfg.sched, _SCHEDULERS, n=2)
-        hint = f"; did you mean {', '.join(close)}?" if close else f" (choose from {', '.join(_SCHEDULERS)})"
+        close_s: list[str] = difflib.get_close_matches(cfg.sched, _SCHEDULERS, n=2)
+        hint = f"; did you mean {', '.join(close_s)}?" if close_s else f" (choose from {', '.join(_SCHEDULERS)})"
         raise ValueError(f"unknown scheduler --sched {cfg.sched!r}{hint}")
 
 
