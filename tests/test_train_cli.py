@@ -116,8 +116,9 @@ def test_train_embedded_default_few_steps(tmp_path, capsys):
     assert "3 updates" in out and "--resume" in out
     st = ckpt.load_state(run / "last.state.pt")
     assert (st["updates"], st["epoch"], st["batches_done"], st["model_name"]) == (3, 0, 3, "acmix_micro")
-    assert main(["train", "--resume", str(run), "--max-steps", "5", *FAST]) == 0
-    assert ckpt.load_state(run / "last.state.pt")["updates"] == 5
+    moved = run.rename(tmp_path / "moved")  # a run folder resumes wherever it now lives
+    assert main(["train", "--resume", str(moved), "--max-steps", "5", *FAST]) == 0
+    assert ckpt.load_state(moved / "last.state.pt")["updates"] == 5 and not run.exists()
 
 
 @pytest.mark.parametrize(

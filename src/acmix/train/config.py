@@ -206,7 +206,7 @@ def resolve_config(
     if saved is not None:
         known = {k: v for k, v in saved.items() if k in field_names()}
         cfg = merge_overrides(cfg, known, "checkpoint config")
-        cfg = dataclasses.replace(cfg, resume=None, config=None, max_steps=None)
+        cfg = dataclasses.replace(cfg, resume=None, config=None, max_steps=None, output=None)  # output: where it is now
     yaml_over = load_yaml_overrides(flags["config"]) if flags.get("config") else {}
     recipe = flags.get("recipe") or yaml_over.get("recipe")
     if recipe is not None:

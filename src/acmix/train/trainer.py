@@ -293,7 +293,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
     if cfg.output:
         run_dir = Path(cfg.output)
     elif state_file is not None:
-        run_dir = state_file.parent
+        run_dir = state_file.parent.parent if state_file.parent.name == "checkpoints" else state_file.parent
     else:
         run_dir = _default_run_dir(cfg)
 
