@@ -74,3 +74,7 @@ def test_cost_bad_arguments(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--resolution" in err[0]
     assert main(["cost", "--json", "--csv"]) == 2  # mutually exclusive
+    capsys.readouterr()
+    assert main(["cost", "--no-split", "--models", "no_such_model*"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no model matches no_such_model*" in err[0] and "acmix_resnet50" in err[0]

@@ -148,6 +148,11 @@ def model_rows(
         if p not in known and not any(ch in p for ch in "*?[") and p in registered:
             names.append(p)
             wanted.append((p, {"family": None, "role": "other"}))
+    if patterns and not names:
+        raise ValueError(
+            f"no model matches {' '.join(patterns)}; the paper table has {', '.join(sorted(known))} "
+            "(or name any registered timm model exactly)"
+        )
     paper = dict(wanted)
     rows = []
     for name in dict.fromkeys(names):
@@ -274,12 +279,13 @@ def build_report(
     ``stage_split``, ``models``, ``skipped``, ``counter_blind_to``)."""
     skipped: list[str] = []
     res = _hw(resolution)
+    models = model_rows(patterns, res, check_counter=check_counter, skipped=skipped) if include_models else []
     return {
         "convention": MAC_CONVENTION,
         "resolution": list(res),
         "table1": {"rows": table1(), "stage_ratio": stage_ratio_table()},
         "stage_split": stage_split_report(res, skipped) if include_split else {"models": {}},
-        "models": model_rows(patterns, res, check_counter=check_counter, skipped=skipped) if include_models else [],
+        "models": models,
         "skipped": skipped,
         "counter_blind_to": list(COUNTER_BLIND),
     }
