@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -218,28 +217,37 @@ def test_comparison_without_baseline_or_acmix_layers_measures_the_model_alone():
         bench_model.compare_models(["tiny_base"], TINY, modes=("eval",), factory=_factory)
 
 
-def test_subprocess_memory_of_a_registered_model():
+def test_subprocess_memory_of_a_registered_model(monkeypatch):
     cfg = BenchConfig(batch=2, resolution=32, warmup=1, repeats=1, num_classes=10, threads=1)
     peak, method = measure_memory_subprocess("resnet10t", "train", cfg, timeout=300)
     assert method == "rss_hwm_subprocess" and peak is not None and peak > 0
-    peak, why = measure_memory_subprocess("no_such_model_xyz", "train", cfg, timeout=300)
-    assert peak is None and "unknown model" in why
+    monkeypatch.setattr("sys.executable", "false")  # a child that dies: no number, the reason instead
+    peak, why = measure_memory_subprocess("resnet10t", "train", cfg, timeout=300)
+    assert peak is None and why.startswith("subprocess failed (exit 1)")
 
 
-def test_cli_subcommand_in_process(tmp_path, capsys):
-    from acmix.cli.bench_model import register_model_subcommand
+def test_cli_bench_model_in_process(tmp_path, capsys):
+    from acmix.cli.main import main
 
-    parser = argparse.ArgumentParser(prog="acmix bench")
-    register_model_subcommand(parser.add_subparsers(dest="bench_command"))
-    args = parser.parse_args(
-        ["model", "resnet10t", "--resolution", "32", "--batch", "2", "--warmup", "1", "--repeats", "1"]
-        + ["--threads", "1", "--num-classes", "10", "--memory", "off", "--mode", "infer"]
-        + ["--csv", str(tmp_path / "r.csv"), "--json", str(tmp_path / "r.json")]
-    )
-    assert args.func(args) == 0
+    argv = ["bench", "model", "resnet10t", "--resolution", "32", "--batch", "2", "--warmup", "1", "--repeats", "1"]
+    argv += ["--threads", "1", "--num-classes", "10", "--memory", "off", "--mode", "infer", "train"]
+    argv += ["--csv", str(tmp_path / "r.csv"), "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")]
+    assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "resnet10t" in out and "infer" in out and "wrote" in out
-    assert json.loads((tmp_path / "r.json").read_text())["rows"][0]["model"] == "resnet10t"
+    assert "resnet10t" in out and "infer" in out and "train" in out and out.count("wrote") == 3
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [(r["model"], r["mode"]) for r in doc["rows"]] == [("resnet10t", "infer"), ("resnet10t", "train")]
+    assert (tmp_path / "r.png").stat().st_size > 0 and (tmp_path / "r.csv").read_text().startswith("model,mode")
+
+
+def test_cli_bench_model_errors_are_one_line(capsys):
+    from acmix.cli.main import main
+
+    assert main(["bench", "model", "no_such_model_xyz", "--memory", "off"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model" in err[0]
+    assert main(["bench", "model", "resnet10t", "--dtype", "int8"]) == 2
+    assert "dtype" in capsys.readouterr().err
 
 
 def test_profile_step_lists_the_ops_of_a_training_step():

@@ -164,6 +164,12 @@ def compare_models(
         raise ValueError("memory='subprocess' needs registered model names; a custom factory measures in-process")
     if not models:
         raise ValueError("no models given")
+    if factory is None:  # fail on a typo before minutes of measuring, not after
+        import timm
+
+        unknown = [n for n in [*models, *(baselines or {}).values()] if not timm.is_model(n)]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; see `acmix list` or timm.list_models()")
     build: ModelFactory = factory or (
         lambda n: create_model(n, num_classes=config.num_classes, in_chans=config.in_chans)
     )

@@ -16,7 +16,7 @@ Method (the same for every row):
   the number of halvings, and a warning is logged. Never silent.
 * **Peak memory** (``peak_mem_mib``): memory held above the level reached right after the model and the input
   batch exist, over the warm-up and timed steps (activations, gradients, optimizer state, workspaces).
-  ``mem_method`` says how it was measured:
+  ``mem_method`` says how it was measured (the probe is :class:`acmix.bench.env.PeakMemory`):
 
   - ``cuda_max_allocated``: ``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at the start (tensors
     only; the caching allocator's reserve is not counted);
@@ -47,6 +47,7 @@ import torch.nn as nn
 
 from ..ops import choose_backend
 from ..version import __version__
+from .env import PeakMemory, device_name, synchronize
 
 _logger = logging.getLogger(__name__)
 
@@ -54,7 +55,6 @@ MODES = ("train", "infer")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 MEMORY_FORMATS = ("contiguous", "channels_last")
-_MIB = 1024.0 * 1024.0
 
 ModelFactory = Callable[[str], nn.Module]
 
@@ -154,85 +154,7 @@ class BenchResult:
 RESULT_FIELDS = tuple(f.name for f in fields(BenchResult))
 
 
-# ----------------------------------------------------------------------------------------------- environment
-
-
-def device_name(device: torch.device | str) -> str:
-    """A human-readable name of the device (GPU model, or the CPU model from ``/proc/cpuinfo``)."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    if dev.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as fh:
-                for line in fh:
-                    if line.startswith("model name"):
-                        return f"CPU {line.split(':', 1)[1].strip()}"
-        except OSError:
-            pass
-        import platform
-
-        return f"CPU {platform.processor() or platform.machine()}"
-    return dev.type
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued work on ``device`` (CUDA); nothing to do on CPU."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-def _reset_rss_peak() -> bool:
-    """Reset Linux's VmHWM to the current RSS; False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-    except OSError:
-        return False
-    return _proc_status_kib("VmHWM") is not None
-
-
-class _MemoryProbe:
-    """Peak memory above the level at ``start()``; see the module docstring for the methods."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.method = "none"
-        self.base = 0
-
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            self.method = "cuda_max_allocated"
-        elif self.device.type == "cpu" and _reset_rss_peak():
-            self.base = (_proc_status_kib("VmRSS") or 0) * 1024
-            self.method = "rss_hwm"
-        else:
-            self.method = "none"
-
-    def peak_mib(self) -> float | None:
-        if self.method == "cuda_max_allocated":
-            synchronize(self.device)
-            return (torch.cuda.max_memory_allocated(self.device) - self.base) / _MIB
-        if self.method == "rss_hwm":
-            hwm = _proc_status_kib("VmHWM")
-            return None if hwm is None else max(0.0, (hwm * 1024 - self.base) / _MIB)
-        return None
+# ------------------------------------------------------------------------------------------------ helpers
 
 
 def _free_memory(device: torch.device) -> None:
@@ -384,7 +306,7 @@ def prepare_with_oom_halving(model: nn.Module, mode: str, config: BenchConfig, m
         case = None
         try:
             case = PreparedCase(model, mode, cfg)
-            probe = _MemoryProbe(device)
+            probe = PeakMemory(device)
             if measure_memory:
                 probe.start()
             for _ in range(cfg.warmup):
