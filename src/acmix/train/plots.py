@@ -13,13 +13,24 @@ _logger = logging.getLogger(__name__)
 __all__ = ["plot_alpha_beta", "plot_metrics", "read_metrics"]
 
 
-def _pyplot() -> Any:
-    import matplotlib
+class _Figures:
+    """``subplots``/``close`` on plain :class:`matplotlib.figure.Figure` objects: no pyplot global state, no GUI
+    backend, nothing kept alive between plots (a run plots every epoch for days)."""
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    @staticmethod
+    def subplots(figsize: tuple[float, float]) -> tuple[Any, Any]:
+        from matplotlib.figure import Figure
 
-    return plt
+        fig = Figure(figsize=figsize)
+        return fig, fig.add_subplot(1, 1, 1)
+
+    @staticmethod
+    def close(fig: Any) -> None:
+        fig.clear()
+
+
+def _pyplot() -> _Figures:
+    return _Figures()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

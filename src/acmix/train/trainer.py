@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import gc
 import json
 import logging
 import math
@@ -543,6 +544,7 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
                 from .plots import plot_metrics
 
                 plot_metrics(log.rows, run_dir)
+            gc.collect()  # steady memory over long runs: free per-epoch cycles (loaders, figures) promptly
             if res.stop_reason:
                 stopped = res.stop_reason
                 break
