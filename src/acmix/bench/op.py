@@ -343,7 +343,11 @@ def run(
             if progress and group:
                 g = group[0]
                 progress(f"B={g.batch} C={g.channels} {g.size}x{g.size} stride {g.stride} ({len(group)} subjects)")
-            rows.extend(measure_group(group, warmup=warmup, repeats=repeats, memory=memory))
+            done = measure_group(group, warmup=warmup, repeats=repeats, memory=memory)
+            if progress:
+                parts = [f"{_label(r)} {r.median_ms:.1f} ms / {_fmt(r.peak_mib, '.0f')} MiB" for r in done]
+                progress("  " + ", ".join(parts))
+            rows.extend(done)
         return rows
     finally:
         torch.set_num_threads(old)
