@@ -15,7 +15,7 @@ from .._env import configure_logging
 from ..version import __version__
 
 #: subcommand modules under ``acmix.cli``; each has ``register(subparsers) -> None``
-COMMAND_MODULES = ("info", "demo", "cost", "train", "evaluate", "predict", "inspect", "bench")
+COMMAND_MODULES = ("info", "demo", "cost", "train", "evaluate", "predict", "inspect", "bench", "convert")
 
 
 class UsageError(Exception):

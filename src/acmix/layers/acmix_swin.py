@@ -47,7 +47,9 @@ class AcmixWindowAttention(WindowAttention):
         shift_init: initialise the group conv as shift kernels (official Swin: yes); False gives Kaiming normal.
         mix: ``"learned"`` alpha/beta (official), ``"fixed"``, ``"attn"`` (attention only) or ``"conv"``.
         alpha_init, beta_init: initial alpha (attention) and beta (convolution), official 0.5 each.
-        conv_impl: ``"fused"`` or ``"reference"`` convolution path (:func:`acmix.ops.conv_path`).
+        conv_impl: convolution path of :func:`acmix.ops.conv_path`: ``"fused"`` (one grouped conv, 27 N C HW
+            multiply-adds), ``"reference"`` (FC + group conv, 108 C HW) or ``"auto"`` (the cheaper: fused for
+            N <= 4 heads, reference above; Swin's deep stages have 12 and 24 heads).
 
     Shape:
         forward: x (B, Hp, Wp, C) with Hp, Wp multiples of the window (the rolled, padded map) -> (B, H, W, C),
@@ -70,7 +72,7 @@ class AcmixWindowAttention(WindowAttention):
         mix: MixMode | str = "learned",
         alpha_init: float = 0.5,
         beta_init: float = 0.5,
-        conv_impl: str = "fused",
+        conv_impl: str = "auto",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -81,8 +83,10 @@ class AcmixWindowAttention(WindowAttention):
             raise ValueError(f"conv_kernel_size must be a positive odd int, got {conv_kernel_size}")
         if mix not in _MIX_MODES:
             raise ValueError(f"mix must be one of {_MIX_MODES}, got {mix!r}")
-        if conv_impl not in ("fused", "reference"):
-            raise ValueError(f"conv_impl must be 'fused' or 'reference', got {conv_impl!r}")
+        if conv_impl not in ("auto", "fused", "reference"):
+            raise ValueError(f"conv_impl must be 'auto', 'fused' or 'reference', got {conv_impl!r}")
+        if conv_impl == "auto":
+            conv_impl = "fused" if num_heads <= 4 else "reference"
         self.conv_kernel_size, self.shift_init, self.mix = conv_kernel_size, shift_init, str(mix)
         self.alpha_init, self.beta_init, self.conv_impl = alpha_init, beta_init, conv_impl
         self._acmix_ready = False
