@@ -404,7 +404,9 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
             scaler.load_state_dict(state["scaler"])
         start_epoch, batches_done = int(state["epoch"]), int(state["batches_done"])
         updates, best_top1, best_epoch = int(state["updates"]), float(state["best_top1"]), int(state["best_epoch"])
-        ckpt.restore_rng(state["rng"])
+        ckpt.restore_rng(state["rng"])  # rank 0's generators: exact for one process
+        if info.rank > 0:  # other ranks: fresh, distinct streams (the data order itself is exact on every rank)
+            _seed_everything(cfg.seed + info.rank + 7919 * updates)
         _logger.info("resumed from %s: epoch %d, batch %d, update %d", state_file, start_epoch, batches_done, updates)
 
     if info.is_main:
