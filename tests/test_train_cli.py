@@ -293,3 +293,17 @@ def test_cuda_amp_channels_last_few_steps(tmp_path, dtype):
     assert main([*argv, "--output", str(run), "--no-progress"]) == 0
     st = ckpt.load_state(run / "last.state.pt")
     assert st["updates"] == 3 and (st["scaler"] is not None) == (dtype == "float16")
+
+
+@pytest.mark.parametrize("recipe", ["swin", "resnet"])
+def test_recipes_on_a_timm_model_and_rgb_folder(folder_run, tmp_path, recipe):
+    """A timm model (3 channels: the grey PNGs are read as RGB) with the paper recipes' timm data pipeline
+    (RandAugment, random erasing, mixup/cutmix for swin; SGD with decay on every parameter for resnet)."""
+    data, _ = folder_run
+    run = tmp_path / recipe
+    argv = ["train", "--recipe", recipe, "--model", "resnet10t", "--data-dir", str(data), "--input-size", "32"]
+    assert main([*argv, "--batch-size", "8", "--max-steps", "2", "--output", str(run), *FAST]) == 0
+    st = ckpt.load_state(run / "last.state.pt")
+    assert st["model_name"] == "resnet10t" and st["data"]["in_chans"] == 3 and st["updates"] == 2
+    groups = st["optimizer"]["param_groups"]
+    assert (len(groups) == 1) == (recipe == "resnet")  # resnet: one group, decay on all; swin: no-decay group too
