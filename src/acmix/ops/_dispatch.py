@@ -33,6 +33,8 @@ class Backend:
     can_run: CanRun
     priority: int
     description: str = ""
+    #: None: eligible for automatic selection; a string: opt-in only (chosen by name), with the measured reason
+    opt_in: str | None = None
 
 
 class Registry:
@@ -73,6 +75,8 @@ class Registry:
         for name in self.names():
             candidate = self._backends[name]
             ok, reason = candidate.can_run(x)
+            if ok and candidate.opt_in is not None:
+                ok, reason = False, f"opt-in only ({candidate.opt_in}); request it by name"
             if ok:
                 _logger.debug("%s: auto-selected backend %r for %s %s", self.op, name, x.device.type, x.dtype)
                 return candidate

@@ -2,10 +2,10 @@
 
 | name       | where                | idea                                                                      |
 |------------|----------------------|---------------------------------------------------------------------------|
-| ``flex``   | CUDA (compiled)      | FlexAttention over the flattened map: 2-D window ``mask_mod``,            |
+| ``flex``   | CUDA (opt-in)        | FlexAttention over the flattened map: 2-D window ``mask_mod``,            |
 |            |                      | ``log(multiplicity)`` ``score_mod``                                       |
 | ``tiled``  | any device (default  | halo tiles of queries + one fused SDPA call with a log-multiplicity bias  |
-|            | on CPU)              |                                                                           |
+|            | on CPU and CUDA)     |                                                                           |
 | ``offset`` | any device           | offset-by-offset loop, recomputing backward (leanest memory)              |
 
 SAN's patchwise aggregation has its own registry (``offset``, then the unfold ``reference``).
@@ -25,6 +25,10 @@ from .flex import can_run_flex, local_attention_flex
 from .offset import local_attention_offset
 from .tiled import local_attention_tiled
 
+#: measured on an H100 (torch 2.11, benchmarks/gpu_all.sh): correct, but 57 ms forward+backward at B=8, C=64, 56x56
+#: against 1.4 ms for ``tiled``, and its Triton kernel exceeds shared memory at head_dim 128 (ResNet stage 4)
+_FLEX_OPT_IN = "measured 40x slower than 'tiled' on an H100 and fails to compile at head_dim 128"
+
 
 def _any(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
@@ -36,7 +40,8 @@ register_backend(
         local_attention_flex,
         can_run_flex,
         priority=40,
-        description="FlexAttention, 2-D window mask_mod + log-multiplicity score_mod (compiled, CUDA)",
+        description="FlexAttention, 2-D window mask_mod + log-multiplicity score_mod (compiled, CUDA; opt-in)",
+        opt_in=_FLEX_OPT_IN,
     )
 )
 register_backend(
