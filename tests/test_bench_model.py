@@ -86,7 +86,7 @@ def test_rows_are_well_formed_for_train_and_inference():
     _check_row(train, "train", 4)
     _check_row(infer, "infer", 4)
     assert train.model == "tiny" and infer.model == "Tiny"
-    assert train.backend.startswith("auto:") and infer.backend == "none"
+    assert train.backend.startswith("attn:") and train.backend.endswith("+conv:fused") and infer.backend == "none"
     assert train.oom_halvings == 0 and train.note == ""
     assert torch.get_num_threads() >= 1  # restored after the measurement
 
@@ -255,3 +255,24 @@ def test_profile_step_lists_the_ops_of_a_training_step():
 
     table = profile_step(Tiny(), "train", TINY, row_limit=50)
     assert "aten::convolution_backward" in table and "Self CPU" in table
+
+
+class EnvSpy(Tiny):
+    """Records the aggregation backend forced through the environment while it runs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+
+        self.seen_env = os.environ.get("ACMIX_AGGREGATE_BACKEND")
+        return super().forward(x)
+
+
+def test_reference_variant_forces_the_reference_ops_only_during_its_steps(monkeypatch):
+    import os
+
+    monkeypatch.delenv("ACMIX_AGGREGATE_BACKEND", raising=False)
+    model = EnvSpy()
+    time_inference(model, BenchConfig(**{**TINY.__dict__, "backend": "reference"}))
+    assert model.seen_env == "reference" and "ACMIX_AGGREGATE_BACKEND" not in os.environ
+    time_inference(model, TINY)
+    assert model.seen_env is None

@@ -6,7 +6,9 @@ interleaved (:func:`acmix.bench.runner.time_interleaved`), so that a shared, noi
 * ``baseline``: the model the paper compares with (``acmix.models.PAPER_TABLE``);
 * ``acmix``: the ACmix model with the configured backend (default: automatic, the fastest runnable one);
 * ``acmix-reference``: the same weights with the official-style formulation forced on every ACmix layer
-  (``backend="reference"``: unfold attention, and FC + group conv for the convolution path).
+  (``backend="reference"``: unfold local attention, unfold SAN aggregation, FC + permute + group conv for the
+  convolution path, explicit softmax(q k^T) v for the Swin/PVT host attention; see
+  :func:`acmix.bench.runner.set_attention_backend`).
 
 Ratios compare time per image (so a batch halved after out-of-memory stays comparable) and peak memory. On a CPU
 the peak memory of each variant is measured in a fresh interpreter (``rss_hwm_subprocess``, see
@@ -189,7 +191,8 @@ def compare_models(
             has_layers = bool(acmix_layers(module))
             if reference and has_layers:
                 ref = copy.deepcopy(module)
-            cases.append(BenchCase(name, module, config, "acmix" if has_layers else "", name))
+            label = "acmix" if has_layers or len(cases) else ""
+            cases.append(BenchCase(name, module, config, label, name))
             if reference and has_layers:
                 cases.append(BenchCase(name, ref, replace(config, backend="reference"), "acmix-reference", name))
             got = time_interleaved(cases, mode, measure_memory=memory != "off" and not use_subprocess)

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..ops import choose_backend
+from ..ops import choose_aggregate_backend, choose_backend
 from ..version import __version__
 from .env import PeakMemory, device_name, synchronize
 
@@ -175,36 +175,68 @@ def is_oom_error(exc: BaseException) -> bool:
 # ------------------------------------------------------------------------------------------------ models
 
 
+def _acmix_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if type(m).__module__.startswith("acmix.")]
+
+
 def acmix_layers(model: nn.Module) -> list[nn.Module]:
-    """The modules of ``model`` defined by acmix that carry a local-attention ``backend`` attribute."""
-    return [m for m in model.modules() if hasattr(m, "backend") and type(m).__module__.startswith("acmix.")]
+    """The modules of ``model`` defined by acmix whose formulation can be switched.
+
+    That is, modules with a local-attention ``backend`` attribute, a convolution-path ``conv_impl`` or a SAN
+    aggregation (``sa_type``).
+    """
+    return [m for m in _acmix_modules(model) if any(hasattr(m, a) for a in ("backend", "conv_impl", "sa_type"))]
+
+
+#: environment forced around every step of a ``backend="reference"`` case (ops read these at each call)
+REFERENCE_ENV = {"ACMIX_BACKEND": "reference", "ACMIX_AGGREGATE_BACKEND": "reference"}
 
 
 def set_attention_backend(model: nn.Module, backend: str | None) -> int:
     """Force ``backend`` on every ACmix layer of ``model`` (``None``: automatic); returns how many were set.
 
-    ``"reference"`` is the official-style formulation, so it also switches layers with ``conv_impl="fused"`` to
-    ``"reference"`` (FC, permute, group conv, as the official code); other choices leave ``conv_impl`` alone.
+    ``"reference"`` means the official-style formulation as a whole: unfold local attention, and also the
+    FC + permute + group-conv convolution path (``conv_impl="reference"``) and explicit softmax(q k^T) v host
+    attention (``fused_attn=False``, as the official Swin code) on acmix's modules; SAN aggregation follows
+    :data:`REFERENCE_ENV`, which :class:`PreparedCase` sets around each step. Other choices leave those alone.
     """
     layers = acmix_layers(model)
     for layer in layers:
-        setattr(layer, "backend", backend)  # noqa: B010  (plain attribute of the acmix layers)
+        if hasattr(layer, "backend"):
+            setattr(layer, "backend", backend)  # noqa: B010  (plain attribute of the acmix layers)
         if backend == "reference" and getattr(layer, "conv_impl", None) == "fused":
             setattr(layer, "conv_impl", "reference")  # noqa: B010
+    if backend == "reference":
+        for m in _acmix_modules(model):
+            if getattr(m, "fused_attn", None) is True:
+                setattr(m, "fused_attn", False)  # noqa: B010
     return len(layers)
 
 
 def describe_backend(model: nn.Module, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
-    """What the row's ``backend`` column says: ``none`` (no ACmix layer), the forced name, or ``auto:<name>``."""
-    if not acmix_layers(model):
+    """The row's ``backend`` column: ``none`` (nothing switchable), the forced name, or what runs automatically.
+
+    Automatic choices read ``attn:<local-attention backend>``, ``agg:<SAN aggregation backend>``,
+    ``conv:<conv path impl>`` joined by ``+``.
+    """
+    layers = acmix_layers(model)
+    if not layers:
         return "none"
     if backend is not None:
         return backend
     sample = torch.empty(1, 1, 1, 1, 1, device=device, dtype=dtype)
+    parts = []
     try:
-        return f"auto:{choose_backend(sample).name}"
+        if any(hasattr(m, "backend") for m in layers):
+            parts.append(f"attn:{choose_backend(sample).name}")
+        if any(hasattr(m, "sa_type") for m in layers):
+            parts.append(f"agg:{choose_aggregate_backend(sample[0]).name}")
     except (ValueError, RuntimeError) as exc:  # e.g. an ACMIX_BACKEND that cannot run here
-        return f"auto:?({exc})"
+        parts.append(f"?({exc})")
+    impls = sorted({str(m.conv_impl) for m in layers if hasattr(m, "conv_impl")})
+    if impls:
+        parts.append("conv:" + "/".join(impls))
+    return "+".join(parts)
 
 
 def create_model(name: str, num_classes: int = 1000, in_chans: int = 3, **kwargs: Any) -> nn.Module:
@@ -252,9 +284,24 @@ class PreparedCase:
             config.batch, config.in_chans, config.resolution, config.resolution, device=self.device
         ).contiguous(memory_format=fmt)
         self.y = torch.randint(0, config.num_classes, (config.batch,), device=self.device)
+        self.env = REFERENCE_ENV if config.backend == "reference" else {}
 
     def step(self) -> None:
         """One inference forward, or one full training step (forward, loss, backward, update, free grads)."""
+        if not self.env:
+            return self._step()
+        saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        try:
+            self._step()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    def _step(self) -> None:
         if self.optimizer is None:
             with torch.inference_mode(), self.autocast():
                 self.runner(self.x)
