@@ -62,7 +62,7 @@ def _run(fn, q, k, v, pos, kernel_size, stride, grads=True):
     out = fn(*leaves, kernel_size, stride, p)
     if not grads:
         return out.detach(), []
-    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
     inputs = leaves + ([p] if p is not None else [])
     return out.detach(), list(torch.autograd.grad((out * w).sum(), inputs))
 
