@@ -17,6 +17,48 @@ from ._reference import conv_path_reference
 CONV_PATH_IMPLS = ("fused", "reference")
 
 
+def compose_weight(fc_weight: torch.Tensor, group_weight: torch.Tensor) -> torch.Tensor:
+    """Compose the FC (k2, 3N) and the group conv (C, k2, k, k) into one grouped-conv weight (C, 3N, k, k).
+
+    W[o, m] = sum_i group_weight[o, i] * fc[i, m]: input channel m = t * N + j of group d (t in q, k, v; j the head).
+    """
+    fc = fc_weight.reshape(fc_weight.shape[0], -1)  # (k2, 3N)
+    return torch.einsum("oixy,im->omxy", group_weight, fc.to(group_weight.dtype))
+
+
+def grouped_order(num_heads: int, head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Index (3C,) that reorders stacked [q | k | v] channels (t * C + j * D + d) into the fused conv's grouped
+    order (d * 3N + t * N + j)."""
+    d = torch.arange(head_dim, device=device).view(head_dim, 1, 1)
+    t = torch.arange(3, device=device).view(1, 3, 1)
+    j = torch.arange(num_heads, device=device).view(1, 1, num_heads)
+    return (t * num_heads * head_dim + j * head_dim + d).reshape(-1)
+
+
+def conv_path_grouped(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    num_heads: int,
+    fc_bias: torch.Tensor | None,
+    group_weight: torch.Tensor,
+    stride: int,
+) -> torch.Tensor:
+    """The fused conv path on q/k/v already stacked in grouped order: one grouped conv (+ the exact FC-bias map).
+
+    Shape: x (B, 3C, H, W), channel d * 3N + t * N + j; weight (C, 3N, k, k) from :func:`compose_weight`;
+    returns (B, C, ceil(H / stride), ceil(W / stride)).
+    """
+    b, c3, h, w = x.shape
+    c, kc = c3 // 3, weight.shape[-1]
+    out = F.conv2d(x, weight.to(x.dtype), None, stride=stride, padding=kc // 2, groups=c // num_heads)
+    if fc_bias is not None:
+        # the FC bias enters every in-bounds tap of the group conv: a (1, C, Ho, Wo) map, exact at the border
+        wb = torch.einsum("oixy,i->oxy", group_weight.to(x.dtype), fc_bias.to(x.dtype)).unsqueeze(1)  # (C, 1, k, k)
+        ones = torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device)
+        out = out + F.conv2d(ones.expand(1, c, h, w), wb, None, stride=stride, padding=kc // 2, groups=c)
+    return out
+
+
 def _conv_path_fused(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -29,19 +71,10 @@ def _conv_path_fused(
 ) -> torch.Tensor:
     b, c, h, w = q.shape
     hd = c // num_heads
-    kc = group_weight.shape[-1]
-    fc = fc_weight.reshape(fc_weight.shape[0], -1)  # (k2, 3N)
-    gw = group_weight.to(q.dtype)
-    weight = torch.einsum("oixy,im->omxy", gw, fc.to(q.dtype))  # (C, 3N, kc, kc)
+    weight = compose_weight(fc_weight, group_weight.to(q.dtype))  # (C, 3N, kc, kc)
     x = torch.stack([q, k, v], 1).reshape(b, 3, num_heads, hd, h, w)  # (B, 3, N, D, H, W)
     x = x.permute(0, 3, 1, 2, 4, 5).reshape(b, 3 * c, h, w)  # (B, 3C, H, W): channel d*3N + t*N + j
-    out = F.conv2d(x, weight, None, stride=stride, padding=kc // 2, groups=hd)  # (B, C, Ho, Wo)
-    if fc_bias is not None:
-        # the FC bias enters every in-bounds tap of the group conv: a (1, C, Ho, Wo) map, exact at the border
-        wb = torch.einsum("oixy,i->oxy", gw, fc_bias.to(q.dtype)).unsqueeze(1)  # (C, 1, kc, kc)
-        ones = torch.ones(1, 1, h, w, dtype=q.dtype, device=q.device)
-        out = out + F.conv2d(ones.expand(1, c, h, w), wb, None, stride=stride, padding=kc // 2, groups=c)
-    return out
+    return conv_path_grouped(x, weight, num_heads, fc_bias, group_weight, stride)
 
 
 def conv_path(
