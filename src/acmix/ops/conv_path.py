@@ -26,15 +26,6 @@ def compose_weight(fc_weight: torch.Tensor, group_weight: torch.Tensor) -> torch
     return torch.einsum("oixy,im->omxy", group_weight, fc.to(group_weight.dtype))
 
 
-def grouped_order(num_heads: int, head_dim: int, device: torch.device | None = None) -> torch.Tensor:
-    """Index (3C,) that reorders stacked [q | k | v] channels (t * C + j * D + d) into the fused conv's grouped
-    order (d * 3N + t * N + j)."""
-    d = torch.arange(head_dim, device=device).view(head_dim, 1, 1)
-    t = torch.arange(3, device=device).view(1, 3, 1)
-    j = torch.arange(num_heads, device=device).view(1, 1, num_heads)
-    return (t * num_heads * head_dim + j * head_dim + d).reshape(-1)
-
-
 def conv_path_grouped(
     x: torch.Tensor,
     weight: torch.Tensor,
