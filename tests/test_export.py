@@ -16,7 +16,7 @@ from acmix.cli.convert import attention_backend, export_onnx
 from acmix.cli.main import main
 from acmix.models import PAPER_TABLE
 
-SMALL_SWIN = dict(embed_dim=24, depths=(2, 2, 2, 2), num_heads=(1, 2, 3, 4))
+SMALL_SWIN = dict(embed_dim=24, depths=(2, 2), num_heads=(1, 2))  # two stages: merging, (S)W-MSA, conv path
 #: (name, reduced-depth kwargs, input side)
 REDUCED = [
     ("acmix_resnet26", dict(layers=(1, 1, 1, 1)), 32),
