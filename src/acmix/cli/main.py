@@ -10,6 +10,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from .._env import configure_logging
 from ..version import __version__
@@ -22,8 +23,15 @@ class UsageError(Exception):
     """A user error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``acmix CMD: error: ...`` and exit 2 (no usage block)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="acmix", description="ACmix: self-attention and convolution, integrated.")
+    parser = _Parser(prog="acmix", description="ACmix: self-attention and convolution, integrated.")
     parser.add_argument("--version", action="version", version=f"acmix {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log INFO (-v) or DEBUG (-vv)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
