@@ -167,6 +167,7 @@ def test_interleaved_rows_keep_order_labels_and_repeats():
 
 
 def test_comparison_rows_ratios_and_outputs(tmp_path):
+    seen: list[list[BenchResult]] = []
     rows = bench_model.compare_models(
         ["tiny_acmix"],
         TINY,
@@ -174,7 +175,9 @@ def test_comparison_rows_ratios_and_outputs(tmp_path):
         factory=_factory,
         baselines={"tiny_acmix": "tiny_base"},
         memory="inprocess",
+        on_rows=seen.append,
     )
+    assert [len(x) for x in seen] == [3, 3] and [r for x in seen for r in x] == rows
     assert [(r.mode, r.variant, r.model) for r in rows] == [
         (m, v, n)
         for m in ("train", "infer")

@@ -135,6 +135,7 @@ def compare_models(
     factory: ModelFactory | None = None,
     baselines: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
+    on_rows: Callable[[list[BenchResult]], None] | None = None,
 ) -> list[BenchResult]:
     """Measure each model beside its baseline and its official-style formulation, interleaved, one process.
 
@@ -151,6 +152,7 @@ def compare_models(
             memory, since a fresh interpreter cannot rebuild its models.
         baselines: name -> baseline name, overriding ``PAPER_TABLE``.
         progress: called with a one-line message before each comparison (the CLI prints them).
+        on_rows: called with the rows of each comparison as soon as it is measured (long runs keep partial results).
 
     Returns:
         one :class:`~acmix.bench.runner.BenchResult` per model, variant and mode, with ``group`` set to the
@@ -204,6 +206,8 @@ def compare_models(
                     if peak is None:
                         row.note = "; ".join(x for x in (row.note, f"memory: {method}") if x)
             rows.extend(got)
+            if on_rows is not None:
+                on_rows(got)
             del cases, module
     return rows
 

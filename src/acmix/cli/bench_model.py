@@ -45,6 +45,7 @@ def run_model(args: argparse.Namespace) -> int:
         reference=not args.no_reference,
         memory=args.memory,
         progress=lambda msg: print(f"measuring {msg}", file=sys.stderr, flush=True),
+        on_rows=lambda got: print(format_table(got), file=sys.stderr, flush=True),
     )
     ratios = compute_ratios(rows)
     print(format_environment(rows))
