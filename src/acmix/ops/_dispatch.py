@@ -37,6 +37,11 @@ class Backend:
     opt_in: str | None = None
 
 
+def _debug(msg: str, *args: object) -> None:
+    if not torch.compiler.is_compiling():
+        _logger.debug(msg, *args)
+
+
 class Registry:
     """Named backends of one op, best (highest priority) first."""
 
@@ -63,14 +68,17 @@ class Registry:
         return [(name, *self._backends[name].can_run(x)) for name in self.names()]
 
     def choose(self, x: torch.Tensor, backend: str | None = None) -> Backend:
-        """The argument, then the environment variable, then the best runnable backend for ``x``."""
+        """The argument, then the environment variable, then the best runnable backend for ``x``.
+
+        Logging is skipped while ``torch.compile`` traces, so the choice does not break the graph.
+        """
         requested = backend if backend is not None else self._env_reader()
         if requested is not None and requested != "auto":
             chosen = self.get(requested)
             ok, reason = chosen.can_run(x)
             if not ok:
                 raise ValueError(f"backend {requested!r} cannot run here: {reason}")
-            _logger.debug("%s: using requested backend %r", self.op, requested)
+            _debug("%s: using requested backend %r", self.op, requested)
             return chosen
         for name in self.names():
             candidate = self._backends[name]
@@ -78,9 +86,9 @@ class Registry:
             if ok and candidate.opt_in is not None:
                 ok, reason = False, f"opt-in only ({candidate.opt_in}); request it by name"
             if ok:
-                _logger.debug("%s: auto-selected backend %r for %s %s", self.op, name, x.device.type, x.dtype)
+                _debug("%s: auto-selected backend %r for %s %s", self.op, name, x.device.type, x.dtype)
                 return candidate
-            _logger.debug("%s: skipping backend %r: %s", self.op, name, reason)
+            _debug("%s: skipping backend %r: %s", self.op, name, reason)
         raise RuntimeError(f"no {self.op} backend can run; set ACMIX_LOG_LEVEL=DEBUG to see why")  # unreachable
 
 
