@@ -243,3 +243,9 @@ def test_constructor_errors(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         ACmix(**args)
+
+
+def test_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(ACmix(16, num_heads=2))(torch.randn(1, 16, 8, 8))
+    assert explain.graph_break_count == 0, [str(b.reason) for b in explain.break_reasons]
