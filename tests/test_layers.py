@@ -249,3 +249,14 @@ def test_compiles_without_graph_breaks():
     torch._dynamo.reset()
     explain = torch._dynamo.explain(ACmix(16, num_heads=2))(torch.randn(1, 16, 8, 8))
     assert explain.graph_break_count == 0, [str(b.reason) for b in explain.break_reasons]
+
+
+def test_export_then_eager_on_a_fresh_shape():
+    """Tracing must not leave traced (fake) tensors in any backend cache that a later eager call would reuse."""
+    layer = ACmix(16, num_heads=2).eval()
+    x = torch.randn(1, 16, 13, 11)  # a shape no other test uses, so the first plan is built while exporting
+    exported = torch.export.export(layer, (x,))
+    with torch.no_grad():
+        eager = layer(x)
+        assert type(eager) is torch.Tensor
+        torch.testing.assert_close(exported.module()(x), eager)

@@ -60,11 +60,14 @@ _CACHE: dict[str, nn.Module] = {}
 
 
 def built(name: str) -> nn.Module:
-    """The default model (1000 classes), initialised from seed 0; built once per test session and worker."""
+    """A fresh copy of the default model (1000 classes), initialised from seed 0; built once per session and worker.
+
+    A copy, so that a test that trains (BatchNorm statistics) or edits the model cannot change another's result.
+    """
     if name not in _CACHE:
         torch.manual_seed(0)
         _CACHE[name] = timm.create_model(name, **_kwargs(name))
-    return _CACHE[name]
+    return copy.deepcopy(_CACHE[name])
 
 
 def small_input(name: str, batch: int = 2, seed: int = 0) -> torch.Tensor:

@@ -90,15 +90,31 @@ class TilePlan:
     bias: torch.Tensor
 
 
-@functools.lru_cache(maxsize=32)
-def tile_plan(h: int, w: int, kernel_size: int, stride: int, device: torch.device, dtype: torch.dtype) -> TilePlan:
-    """Tiles and the additive bias of the whole map (cached per shape, device and dtype)."""
-    py = axis_plan(h, kernel_size, stride, tile_size(-(-h // stride), stride))
-    px = axis_plan(w, kernel_size, stride, tile_size(-(-w // stride), stride))
+def build_tile_plan(
+    h: int, w: int, kernel_size: int, stride: int, device: torch.device, dtype: torch.dtype, cached: bool = True
+) -> TilePlan:
+    """Tiles and the additive bias of the whole map; ``cached=False`` builds every tensor anew (for tracing)."""
+    axis = axis_plan if cached else axis_plan.__wrapped__
+    py = axis(h, kernel_size, stride, tile_size(-(-h // stride), stride))
+    px = axis(w, kernel_size, stride, tile_size(-(-w // stride), stride))
     by, bx = py.log_mult, px.log_mult
     bias = by[:, None, :, None, :, None] + bx[None, :, None, :, None, :]  # (nty, ntx, Ty, Tx, Ly, Lx)
     bias = bias.reshape(py.tiles * px.tiles, py.tile * px.tile, py.halo * px.halo)
     return TilePlan(py, px, bias.to(device=device, dtype=dtype))
+
+
+@functools.lru_cache(maxsize=32)
+def tile_plan(h: int, w: int, kernel_size: int, stride: int, device: torch.device, dtype: torch.dtype) -> TilePlan:
+    """:func:`build_tile_plan`, cached per shape, device and dtype (eager mode only)."""
+    return build_tile_plan(h, w, kernel_size, stride, device, dtype)
+
+
+def _plan_for(q: torch.Tensor, h: int, w: int, kernel_size: int, stride: int) -> TilePlan:
+    """The cached plan in eager mode; while torch.compile / torch.export trace (fake tensors), a fresh one, so no
+    traced tensor is ever stored in the cache and reused by a later eager call."""
+    if torch.compiler.is_compiling() or torch._guards.detect_fake_mode(q) is not None:
+        return build_tile_plan(h, w, kernel_size, stride, q.device, q.dtype, cached=False)
+    return tile_plan(h, w, kernel_size, stride, q.device, q.dtype)
 
 
 def query_tiles(q: torch.Tensor, plan: TilePlan, stride: int) -> torch.Tensor:
@@ -160,7 +176,7 @@ def local_attention_tiled(
     """
     b, n, d, h, w = q.shape
     scale = d**-0.5 if scale is None else scale
-    plan = tile_plan(h, w, kernel_size, stride, q.device, q.dtype)
+    plan = _plan_for(q, h, w, kernel_size, stride)
     py, px = plan.y, plan.x
     qt = query_tiles(q, plan, stride)  # (B*N, tiles, Ty*Tx, D)
     kt = halo_tiles(offset_keys(k, rel_pos), plan, stride)  # (B*N, tiles, Ly*Lx, D)
