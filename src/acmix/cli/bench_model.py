@@ -20,9 +20,12 @@ from ..bench.model import (
     write_json,
 )
 from ..bench.runner import DTYPES, MEMORY_FORMATS, MODES, BenchConfig
+from ..ops import get_backend
 
 
 def run_model(args: argparse.Namespace) -> int:
+    if args.backend is not None:
+        get_backend(args.backend)  # an unknown name is a one-line error before anything is measured
     config = BenchConfig(
         device=args.device,
         dtype=args.dtype,
