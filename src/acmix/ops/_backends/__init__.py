@@ -25,9 +25,10 @@ from .flex import can_run_flex, local_attention_flex
 from .offset import local_attention_offset
 from .tiled import local_attention_tiled
 
-#: measured on an H100 (torch 2.11, benchmarks/gpu_all.sh): correct, but 57 ms forward+backward at B=8, C=64, 56x56
-#: against 1.4 ms for ``tiled``, and its Triton kernel exceeds shared memory at head_dim 128 (ResNet stage 4)
-_FLEX_OPT_IN = "measured 40x slower than 'tiled' on an H100 and fails to compile at head_dim 128"
+#: measured on an H100 (torch 2.11, benchmarks/gpu_all.sh): correct, but slower than ``tiled`` at every ResNet shape
+#: (fp32 stage 1: 3.9 vs 1.6 ms forward+backward; bf16: 45-57 ms vs 1.3-1.8 ms), and its Triton kernel exceeds
+#: shared memory at head_dim 128 (ResNet-50 stage 4)
+_FLEX_OPT_IN = "measured 2-40x slower than 'tiled' on an H100; fails to compile at head_dim 128"
 
 
 def _any(q: torch.Tensor) -> tuple[bool, str]:
