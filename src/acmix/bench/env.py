@@ -113,3 +113,32 @@ class PeakMemory:
             hwm = _status_kib("VmHWM")
             return None if hwm is None else max(0.0, (hwm * 1024 - self._base) / MIB)
         return None
+
+
+def run_json_child(entry: str, payload: str, timeout: float) -> tuple[dict[str, Any] | None, str]:
+    """Run ``entry`` (``"module:function"``, a function returning an exit code) in a fresh interpreter.
+
+    ``payload`` goes to its stdin; its last stdout line is parsed as JSON. Returns ``(result, "")`` or
+    ``(None, reason)`` when the child timed out or failed (the reason names the exit code and stderr's last line).
+    """
+    import json
+    import os
+    import subprocess
+
+    module, func = entry.split(":")
+    code = f"import sys; from {module} import {func}; sys.exit({func}())"
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            input=payload,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"subprocess timed out after {timeout:.0f} s"
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return None, f"subprocess failed (exit {proc.returncode}): {tail}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]), ""

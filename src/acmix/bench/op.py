@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +40,7 @@ import torch.nn as nn
 
 from ..layers import ACmix
 from ..ops import available_backends, choose_backend, get_backend, local_attention
-from .env import PeakMemory, environment, synchronize
+from .env import PeakMemory, environment, run_json_child, synchronize
 
 _logger = logging.getLogger(__name__)
 
@@ -290,24 +289,11 @@ def _memory_inprocess(spec: OpSpec, warm: bool) -> tuple[float | None, str]:
 
 
 def _memory_subprocess(spec: OpSpec, timeout: float = 600.0) -> tuple[float | None, str]:
-    code = "import sys; from acmix.bench.op import _memory_child; sys.exit(_memory_child())"
     payload = json.dumps({"spec": asdict(spec), "threads": torch.get_num_threads()})
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            input=payload,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"subprocess timed out after {timeout:.0f} s"
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        _logger.warning("memory subprocess failed for %s: %s", spec, tail)
-        return None, f"subprocess failed (exit {proc.returncode})"
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, reason = run_json_child("acmix.bench.op:_memory_child", payload, timeout)
+    if out is None:
+        _logger.warning("memory subprocess failed for %s: %s", spec, reason)
+        return None, reason
     method = "rss_hwm_subprocess" if out["method"] == "rss_hwm" else out["method"]
     return out["peak_mib"], method
 

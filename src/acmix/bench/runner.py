@@ -35,7 +35,6 @@ import json
 import logging
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -47,7 +46,7 @@ import torch.nn as nn
 
 from ..ops import choose_aggregate_backend, choose_backend
 from ..version import __version__
-from .env import PeakMemory, device_name, synchronize
+from .env import PeakMemory, device_name, run_json_child, synchronize
 
 _logger = logging.getLogger(__name__)
 
@@ -553,22 +552,9 @@ def measure_memory_subprocess(
     ``cuda_max_allocated`` on CUDA. A failing child (killed for memory, for instance) gives ``(None, reason)``.
     """
     spec = {"model": model_name, "mode": mode, "config": asdict(config)}
-    code = "import sys; from acmix.bench.runner import _memory_child; sys.exit(_memory_child())"
-    try:
-        proc = subprocess.run(
-            [sys.executable, "-c", code],
-            input=json.dumps(spec),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "PYTHONWARNINGS": "ignore"},
-        )
-    except subprocess.TimeoutExpired:
-        return None, f"subprocess timed out after {timeout:.0f} s"
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return None, f"subprocess failed (exit {proc.returncode}): {tail}"
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out, reason = run_json_child("acmix.bench.runner:_memory_child", json.dumps(spec), timeout)
+    if out is None:
+        return None, reason
     return out["peak_mib"], out["method"]
 
 
