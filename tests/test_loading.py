@@ -18,6 +18,7 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
+from _official_models import _fake_cfgnode as _fake_yacs
 from acmix.models import (
     LoadReport,
     extract_state_dict,
@@ -25,22 +26,6 @@ from acmix.models import (
     read_checkpoint,
     register_checkpoint_filter,
 )
-
-
-def _fake_yacs() -> type:
-    """A class pickled as ``yacs.config.CfgNode`` with yacs's private flags, like the official Swin config."""
-
-    class CfgNode(dict):
-        def __init__(self, init: dict | None = None) -> None:
-            super().__init__(init or {})
-            self.__dict__["__immutable__"] = False
-            self.__dict__["__deprecated_keys__"] = set()
-            self.__dict__["__renamed_keys__"] = {}
-            self.__dict__["__new_allowed__"] = False
-
-    CfgNode.__module__ = "yacs.config"
-    CfgNode.__qualname__ = "CfgNode"
-    return CfgNode
 
 
 def save_with_fake_yacs(obj_fn, path: Path) -> None:

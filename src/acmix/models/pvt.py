@@ -33,7 +33,7 @@ from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from ..layers.acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention
-from ._loading import OfficialWeightsMixin, build_acmix_model, register_checkpoint_filter
+from ._loading import OfficialWeightsMixin, build_acmix_model, extract_state_dict, register_checkpoint_filter
 from ._registry_check import acmix_cfg, register_acmix_model
 
 __all__ = ["ACMIX_PVT_STAGES", "PvtBlock", "PvtStage", "PyramidVisionTransformer", "checkpoint_filter_fn"]
@@ -414,13 +414,6 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _unwrap(state_dict: dict[str, Any]) -> dict[str, Any]:
-    for key in ("model", "state_dict"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            return state_dict[key]
-    return state_dict
-
-
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """Map an official whai362/PVT v1 state dict (``classification/pvt.py`` keys) to this layout.
 
@@ -429,7 +422,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
     in this layout passes unchanged; ``module.`` prefixes are stripped and a ``'model'`` wrapper is unwrapped.
     Position embeddings stored for another grid are resized (bilinear) to the model's.
     """
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in _unwrap(state_dict).items()}
+    sd = dict(extract_state_dict(state_dict))
     out: dict[str, Any] = {}
     for k, v in sd.items():
         k = re.sub(r"^patch_embed(\d+)\.", lambda m: f"stages.{int(m.group(1)) - 1}.patch_embed.", k)

@@ -30,7 +30,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..layers.acmix_san import ACmixSanAttention, SanAttention
-from ._loading import OfficialWeightsMixin, build_acmix_model, register_checkpoint_filter
+from ._loading import OfficialWeightsMixin, build_acmix_model, extract_state_dict, register_checkpoint_filter
 from ._registry_check import acmix_cfg, register_acmix_model
 
 __all__ = ["ACMIX_SAN_STAGES", "SAN", "SanBlock", "SanStage", "checkpoint_filter_fn"]
@@ -283,13 +283,6 @@ class SAN(OfficialWeightsMixin, nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _unwrap(state_dict: dict[str, Any]) -> dict[str, Any]:
-    for key in ("state_dict", "model"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            return state_dict[key]
-    return state_dict
-
-
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
     """Map an official hszhao/SAN state dict (``model/san.py`` keys, optional ``module.`` prefix) to this layout.
 
@@ -298,7 +291,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
     into ``attn.qkv`` and ``sam.*`` -> ``attn.*``; ``fc`` -> ``head.fc``. A dict already in this layout is returned
     unchanged (minus ``module.`` prefixes). A wrapper dict holding ``'state_dict'`` or ``'model'`` is unwrapped.
     """
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in _unwrap(state_dict).items()}
+    sd = dict(extract_state_dict(state_dict))
     if "stem.conv.weight" in sd:
         return sd
     out: dict[str, Any] = {}
