@@ -272,13 +272,11 @@ def _fake_cfgnode() -> type:
     return CfgNode
 
 
-def save_swin_training_state(weights: dict, path, extra=None) -> None:
-    """Save ``weights`` like the official Swin ``save_checkpoint``: model, optimizer, lr_scheduler, max_accuracy,
-    epoch, a yacs ``CfgNode`` config and an apex ``amp`` state; ``extra`` entries are added to the config node."""
+def save_with_fake_yacs(build, path) -> None:
+    """``torch.save(build(CfgNode), path)`` while a stand-in ``yacs.config`` module exists (yacs is not installed),
+    then restore ``sys.modules`` as it was."""
     import sys
     import types
-
-    import numpy as np
 
     cfg_cls = _fake_cfgnode()
     mod = types.ModuleType("yacs.config")
@@ -286,23 +284,35 @@ def save_swin_training_state(weights: dict, path, extra=None) -> None:
     saved = {name: sys.modules.get(name) for name in ("yacs", "yacs.config")}
     sys.modules["yacs"], sys.modules["yacs.config"] = types.ModuleType("yacs"), mod
     try:
-        config = cfg_cls({"MODEL": cfg_cls({"TYPE": "swin_acmix", "DROP_PATH_RATE": 0.2}), **(extra or {})})
-        state = {
-            "model": weights,
-            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
-            "lr_scheduler": {"t_initial": 300, "warmup_t": 20},
-            "max_accuracy": np.float64(81.9),
-            "epoch": 299,
-            "config": config,
-            "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 12}},
-        }
-        torch.save(state, path)
+        torch.save(build(cfg_cls), path)
     finally:
         for name, value in saved.items():
             if value is None:
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = value
+
+
+def swin_training_state(weights: dict, cfg_cls: type, extra=None) -> dict:
+    """The official Swin ``save_checkpoint`` dict: model, optimizer, lr_scheduler, max_accuracy, epoch, a yacs
+    ``CfgNode`` config (``extra`` entries added to it) and an apex ``amp`` state."""
+    import numpy as np
+
+    config = cfg_cls({"MODEL": cfg_cls({"TYPE": "swin_acmix", "DROP_PATH_RATE": 0.2}), **(extra or {})})
+    return {
+        "model": weights,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
+        "lr_scheduler": {"t_initial": 300, "warmup_t": 20},
+        "max_accuracy": np.float64(81.9),
+        "epoch": 299,
+        "config": config,
+        "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 12}},
+    }
+
+
+def save_swin_training_state(weights: dict, path, extra=None) -> None:
+    """Save ``weights`` like the official Swin ``save_checkpoint`` (see :func:`swin_training_state`)."""
+    save_with_fake_yacs(lambda cfg: swin_training_state(weights, cfg, extra), path)
 
 
 def perturb_(model: nn.Module, seed: int = 0) -> nn.Module:

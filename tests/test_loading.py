@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import types
 from pathlib import Path
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
 import torch.nn as nn
 
-from _official_models import _fake_cfgnode as _fake_yacs
+from _official_models import save_with_fake_yacs, swin_training_state
 from acmix.models import (
     LoadReport,
     extract_state_dict,
@@ -26,32 +24,6 @@ from acmix.models import (
     read_checkpoint,
     register_checkpoint_filter,
 )
-
-
-def save_with_fake_yacs(obj_fn, path: Path) -> None:
-    """Save ``obj_fn(CfgNode)`` while a stand-in yacs module exists, then remove it again."""
-    cfg_cls = _fake_yacs()
-    mod = types.ModuleType("yacs.config")
-    mod.CfgNode = cfg_cls
-    sys.modules["yacs"], sys.modules["yacs.config"] = types.ModuleType("yacs"), mod
-    try:
-        torch.save(obj_fn(cfg_cls), path)
-    finally:
-        del sys.modules["yacs"], sys.modules["yacs.config"]
-
-
-def training_state(weights: dict, cfg_cls: type) -> dict:
-    """The official Swin training state (main.py save_checkpoint): model, optimizer, scheduler, config, amp."""
-    config = cfg_cls({"MODEL": cfg_cls({"TYPE": "swin_acmix", "DROP_PATH_RATE": 0.2}), "DATA": cfg_cls({"IMG": 224})})
-    return {
-        "model": weights,
-        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": [0, 1]}]},
-        "lr_scheduler": {"t_initial": 300, "warmup_t": 20},
-        "max_accuracy": np.float64(81.9),
-        "epoch": 299,
-        "config": config,
-        "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 12}},
-    }
 
 
 class _Evil:
@@ -65,7 +37,9 @@ class _Evil:
 def test_reads_official_swin_training_state_without_yacs(tmp_path):
     assert "yacs" not in sys.modules
     weights = {"layers.0.blocks.0.attn.rate1": torch.tensor([0.5]), "head.weight": torch.randn(3, 4)}
-    save_with_fake_yacs(lambda cfg: training_state(weights, cfg), tmp_path / "swin.pth")
+    save_with_fake_yacs(
+        lambda cfg: swin_training_state(weights, cfg, {"DATA": cfg({"IMG": 224})}), tmp_path / "swin.pth"
+    )
     obj = read_checkpoint(tmp_path / "swin.pth")
     assert "yacs" not in sys.modules  # nothing imported yacs
     assert obj["config"]["MODEL"]["TYPE"] == "swin_acmix"
