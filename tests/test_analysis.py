@@ -390,7 +390,7 @@ def _host_layer(kind: str, kwargs: dict) -> tuple[nn.Module, int, int]:
         cls = mod.ACmixSanAttention if kwargs.pop("acmix", False) else mod.SanAttention
         return cls(32, 4, 16, share_planes=4, **kwargs), 32, 9
     mod = pytest.importorskip("acmix.layers.acmix_swin")
-    return _Map(mod.AcmixWindowAttention(24, 3, window_size=7, **kwargs)), 24, 14
+    return _Map(mod.ACmixWindowAttention(24, 3, window_size=7, **kwargs)), 24, 14
 
 
 HOST_CASES = [
@@ -432,6 +432,6 @@ def test_sra_and_swin_rules_read_the_call():
     logits = walk(model, size, in_chans=c).by_component()[Component.ATTN_LOGITS]["macs"]
     assert logits == (size * size + 1) ** 2 * 32
     # the Swin ACmix rule pads the attention to the window and runs the conv path on the unpadded map
-    swin = pytest.importorskip("acmix.layers.acmix_swin").AcmixWindowAttention(24, 3, window_size=7)
+    swin = pytest.importorskip("acmix.layers.acmix_swin").ACmixWindowAttention(24, 3, window_size=7)
     got = walk(_Map(swin), 14, in_chans=24).total
     assert got.macs == window_attention_cost(24, 3, 7, 14, 14, acmix=True, conv_impl="fused").macs

@@ -20,12 +20,13 @@ from acmix.bench.runner import (
     acmix_layers,
     is_oom_error,
     measure_memory_subprocess,
-    set_attention_backend,
+    set_host_attention,
     time_inference,
     time_interleaved,
     time_train_step,
 )
 from acmix.layers import ACmix
+from acmix.ops import current_backend
 
 TINY = BenchConfig(batch=4, resolution=12, warmup=1, repeats=2, num_classes=10, threads=1)
 
@@ -100,13 +101,22 @@ def test_training_step_updates_the_weights_and_frees_the_gradients():
     assert all(p.grad is None for p in after)
 
 
-def test_forced_backend_reaches_every_acmix_layer_and_selects_the_official_conv_path():
+def test_forced_backend_reaches_every_acmix_layer_and_selects_the_official_conv_path(monkeypatch):
     model = Tiny()
+    (layer,) = acmix_layers(model)
+    seen = []
+    forward = layer.forward
+
+    def spy(x):
+        seen.append((current_backend("attention"), layer.resolved_conv_impl()))
+        return forward(x)
+
+    monkeypatch.setattr(layer, "forward", spy)
     row = time_train_step(model, BenchConfig(**{**TINY.__dict__, "backend": "reference"}))
     assert row.backend == "reference"
-    (layer,) = acmix_layers(model)
-    assert layer.backend == "reference" and layer.conv_impl == "reference"
-    assert set_attention_backend(Tiny(False), "reference") == 0
+    assert seen and set(seen) == {("reference", "reference")}
+    assert layer.backend is None and layer.conv_impl is None  # a context, not module state
+    assert set_host_attention(Tiny(False), "reference") == 0
     with pytest.raises(ValueError, match="valid backends"):
         time_inference(Tiny(), BenchConfig(**{**TINY.__dict__, "backend": "no-such-backend"}))
 
@@ -260,13 +270,11 @@ def test_profile_step_lists_the_ops_of_a_training_step():
     assert "aten::convolution_backward" in table and "Self CPU" in table
 
 
-class EnvSpy(Tiny):
-    """Records the aggregation backend forced through the environment while it runs."""
+class ContextSpy(Tiny):
+    """Records the aggregation backend the ops context asks for while it runs."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        import os
-
-        self.seen_env = os.environ.get("ACMIX_AGGREGATE_BACKEND")
+        self.seen = current_backend("aggregate")
         return super().forward(x)
 
 
@@ -274,8 +282,10 @@ def test_reference_variant_forces_the_reference_ops_only_during_its_steps(monkey
     import os
 
     monkeypatch.delenv("ACMIX_AGGREGATE_BACKEND", raising=False)
-    model = EnvSpy()
+    before = dict(os.environ)
+    model = ContextSpy()
     time_inference(model, BenchConfig(**{**TINY.__dict__, "backend": "reference"}))
-    assert model.seen_env == "reference" and "ACMIX_AGGREGATE_BACKEND" not in os.environ
+    assert model.seen == "reference" and current_backend("aggregate") is None
+    assert dict(os.environ) == before  # no environment mutation
     time_inference(model, TINY)
-    assert model.seen_env is None
+    assert model.seen is None

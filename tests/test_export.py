@@ -12,9 +12,10 @@ import torch
 
 import acmix  # noqa: F401
 from _official_models import OfficialACmixResNet, perturb_
-from acmix.cli.convert import attention_backend, export_onnx
+from acmix.cli.convert import export_onnx
 from acmix.cli.main import main
 from acmix.models import PAPER_TABLE
+from acmix.ops import use_backend
 
 SMALL_SWIN = dict(embed_dim=24, depths=(2, 2), num_heads=(1, 2))  # two stages: merging, (S)W-MSA, conv path
 #: (name, reduced-depth kwargs, input side)
@@ -41,14 +42,14 @@ def test_torch_compile_eager_backend(name, kwargs, side):
     torch._dynamo.reset()
     model, x = _build(name, kwargs, side)
     compiled = torch.compile(model, backend="eager", fullgraph=False)
-    with attention_backend(model, "reference"), torch.no_grad():
+    with use_backend(attention="reference"), torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name,kwargs,side", REDUCED, ids=[r[0] for r in REDUCED])
 def test_jit_trace(name, kwargs, side):
     model, x = _build(name, kwargs, side)
-    with attention_backend(model, "reference"), torch.no_grad():  # the readable backend traces everywhere
+    with use_backend(attention="reference"), torch.no_grad():  # the readable backend traces everywhere
         traced = torch.jit.trace(model, (x,), check_trace=False)
         torch.testing.assert_close(traced(x), model(x), atol=1e-5, rtol=1e-5)
 

@@ -251,7 +251,7 @@ def count_macs(model: nn.Module, side: int = 224) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from acmix import ACmix
-    from acmix.cli.convert import attention_backend
+    from acmix.ops import use_backend
 
     extra = []
 
@@ -262,7 +262,7 @@ def count_macs(model: nn.Module, side: int = 224) -> float:
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, ACmix)]
     counter = FlopCounterMode(display=False)
     try:  # the reference attention runs as elementwise ops (not counted); fast backends add tiling overheads
-        with attention_backend(model, "reference"), torch.no_grad(), counter:
+        with use_backend(attention="reference"), torch.no_grad(), counter:
             model.eval()(torch.randn(1, 3, side, side))
     finally:
         for h in handles:

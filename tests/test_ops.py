@@ -6,18 +6,9 @@ import torch.nn.functional as F
 
 from _utils import bounce, naive_local_attention
 from acmix import ops
-from acmix.ops import (
-    conv_path,
-    conv_path_reference,
-    local_attention,
-    local_attention_reference,
-    multiplicity,
-    reflect_pad2d,
-    shift_kernels,
-    shift_sum_reference,
-    window_indices,
-)
-from acmix.ops._reference import conv_path_features
+from acmix.ops import conv_path, conv_path_reference, local_attention, local_attention_reference, shift_kernels
+from acmix.ops._indexing import multiplicity, reflect_pad2d, window_indices
+from acmix.ops._reference import conv_path_features, shift_sum_reference
 
 
 @pytest.mark.parametrize("h,w,pad", [(4, 4, 3), (5, 9, 3), (7, 4, 2), (2, 3, 1), (10, 10, 3)])
@@ -108,7 +99,7 @@ def test_shift_as_group_conv_equals_tensor_shifts(kc, stride):
     fc = torch.randn(kc * kc, 3 * n, dtype=torch.float64)
     gw = shift_kernels(kc, torch.float64).unsqueeze(0).expand(c, -1, -1, -1)
     via_conv = conv_path_reference(q, k, v, n, fc, None, gw, stride)
-    via_shift = shift_sum_reference(conv_path_features(q, k, v, n, fc, None), kc, n, stride)
+    via_shift = shift_sum_reference(conv_path_features(torch.cat([q, k, v], 1), c // n, fc), kc, n, stride)
     torch.testing.assert_close(via_conv, via_shift)
 
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 import acmix  # noqa: F401  (registers the models)
 from _official_models import OfficialACmixResNet, OfficialSwinACmix, perturb_, save_swin_training_state
 from acmix import ACmix
-from acmix.layers import AcmixSwinBlock, AcmixWindowAttention
+from acmix.layers import ACmixSwinBlock, ACmixWindowAttention
 from acmix.models import load_official_checkpoint
 from acmix.models.resnet import ResNet
 from acmix.models.swin import SwinTransformer
@@ -67,16 +67,16 @@ def test_resnet_official_init_and_paper_option():
     assert not torch.equal(layer.shift_weight, kernels)  # the official ResNet overwrites the shift init
     assert layer.shift_weight.std().item() == pytest.approx(math.sqrt(2.0 / (c * 9)), rel=0.1)
     assert layer.alpha.item() == layer.beta.item() == 0.5
-    paper = timm.create_model("acmix_resnet26", num_classes=10, mixer_kwargs={"shift_init": True})
+    paper = timm.create_model("acmix_resnet26", num_classes=10, acmix_kwargs={"shift_init": True})
     assert torch.equal(paper.layer1[0].conv2.shift_weight, kernels)
 
 
-def test_resnet_mixer_kwargs_and_errors():
-    attn_only = timm.create_model("acmix_resnet26", num_classes=10, mixer_kwargs={"mix": "attn"}).eval()
+def test_resnet_acmix_kwargs_and_errors():
+    attn_only = timm.create_model("acmix_resnet26", num_classes=10, acmix_kwargs={"mix": "attn"}).eval()
     assert all(m.mix == "attn" for m in attn_only.modules() if isinstance(m, ACmix))
     assert torch.isfinite(attn_only(torch.randn(1, 3, 32, 32))).all()
-    with pytest.raises(ValueError, match="mixer must be one of"):
-        timm.create_model("resnet26_san", mixer="conv3")
+    with pytest.raises(ValueError, match="attn_layer must be one of"):
+        timm.create_model("resnet26_san", attn_layer="conv3")
     with pytest.raises(ValueError, match="cardinality 1"):
         timm.create_model("acmix_resnet26", layers=(1, 1, 1, 2), output_stride=16)  # a dilated 3 x 3 position
 
@@ -120,7 +120,8 @@ def test_official_resnet_float64_is_exact_and_report_counts():
 # ------------------------------------------------------------------------------------------------ Swin
 def test_swin_with_acmix_off_is_timms_swin():
     theirs = timm.create_model("swin_tiny_patch4_window7_224", num_classes=10, **SMALL_SWIN).eval()
-    ours = timm.create_model("acmix_swin_tiny_patch4_window7_224", num_classes=10, acmix=False, **SMALL_SWIN).eval()
+    ours = timm.create_model("acmix_swin_tiny_patch4_window7_224", num_classes=10, attn_layer="window", **SMALL_SWIN)
+    ours.eval()
     assert isinstance(ours, SwinTransformer)
     ours.load_state_dict(theirs.state_dict())
     x = torch.randn(1, 3, 224, 224)
@@ -135,7 +136,7 @@ def test_swin_with_acmix_off_is_timms_swin():
 def test_swin_acmix_attention_settings_follow_the_official_code():
     model = timm.create_model("acmix_swin_tiny_patch4_window7_224", num_classes=10, **SMALL_SWIN)
     attn = model.layers[1].blocks[1].attn
-    assert isinstance(attn, AcmixWindowAttention)
+    assert isinstance(attn, ACmixWindowAttention)
     assert attn.fc.bias is not None and tuple(attn.fc.weight.shape) == (9, 6, 1, 1)  # FC bias, 3N -> 9
     assert torch.equal(attn.shift_weight, shift_kernels(3).expand_as(attn.shift_weight))  # shift init kept
     assert attn.alpha.item() == attn.beta.item() == 0.5
@@ -145,7 +146,7 @@ def test_swin_acmix_attention_settings_follow_the_official_code():
 
 def test_swin_conv_path_runs_on_the_rolled_map():
     torch.manual_seed(0)
-    block = AcmixSwinBlock(dim=8, input_resolution=(14, 14), num_heads=2, window_size=7, shift_size=3).eval()
+    block = ACmixSwinBlock(dim=8, input_resolution=(14, 14), num_heads=2, window_size=7, shift_size=3).eval()
     with torch.no_grad():
         block.attn.shift_weight.add_(torch.randn_like(block.attn.shift_weight))
     x = torch.randn(1, 14, 14, 8)
@@ -243,7 +244,7 @@ def test_block_from_timm_block_keeps_modules_and_buffers():
     from timm.models.swin_transformer import SwinTransformerBlock
 
     block = SwinTransformerBlock(dim=8, input_resolution=(14, 14), num_heads=2, window_size=7, shift_size=3)
-    new = AcmixSwinBlock.from_block(block)
+    new = ACmixSwinBlock.from_block(block)
     assert new.norm1 is block.norm1 and new.mlp is block.mlp and torch.equal(new.attn_mask, block.attn_mask)
     assert torch.equal(new.attn.qkv.weight, block.attn.qkv.weight) and new.attn.qkv is not block.attn.qkv
     assert "attn_mask" not in new.state_dict()

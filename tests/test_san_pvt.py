@@ -15,12 +15,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import acmix  # noqa: F401  (registers the models)
 from _official_san_pvt import OfficialPVT, OfficialSAN
-from acmix.layers.acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention, cell_upsample
-from acmix.layers.acmix_san import ACmixSanAttention, SanAttention, san_conv_path
+from acmix.layers.acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention
+from acmix.layers.acmix_san import ACmixSanAttention, SanAttention
 from acmix.models import PAPER_TABLE, load_official_checkpoint
 from acmix.models import pvt as pvt_mod
 from acmix.models import san as san_mod
-from acmix.ops import conv_path
+from acmix.ops import cell_upsample, conv_path, conv_path_maps
 
 SAN_BASELINES = ("san10", "san15", "san19")
 SAN_PAIRWISE = ("san10_pairwise", "san15_pairwise", "san19_pairwise")
@@ -412,20 +412,20 @@ def test_official_checkpoint_with_another_num_classes_adapts_the_head(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ ACmix layers
 @pytest.mark.parametrize("impl", ["fused", "reference"])
-def test_san_conv_path_equals_acmix_conv_path_for_equal_widths(impl):
+def test_conv_path_maps_equals_acmix_conv_path_for_equal_widths(impl):
     c, n = 12, 3
     q, k, v = (torch.randn(2, c, 7, 9, dtype=torch.float64) for _ in range(3))
     fc, gw = torch.randn(9, 3 * n, dtype=torch.float64), torch.randn(c, 9, 3, 3, dtype=torch.float64)
     want = conv_path(q, k, v, n, fc, gw, impl=impl)
-    got = san_conv_path(torch.cat([q, k, v], 1), c // n, fc, gw, impl=impl)
+    got = conv_path_maps(torch.cat([q, k, v], 1), c // n, fc, gw, impl=impl)
     torch.testing.assert_close(got, want)
 
 
-def test_san_conv_path_fused_equals_reference_forward_and_backward():
+def test_conv_path_maps_fused_equals_reference_forward_and_backward():
     qkv = torch.randn(2, 24, 6, 5, dtype=torch.float64, requires_grad=True)  # M = 12 maps of head_dim 2
     fc = torch.randn(9, 12, dtype=torch.float64, requires_grad=True)
     gw = torch.randn(16, 9, 3, 3, dtype=torch.float64, requires_grad=True)
-    outs = [san_conv_path(qkv, 2, fc, gw, impl=impl) for impl in ("fused", "reference")]
+    outs = [conv_path_maps(qkv, 2, fc, gw, impl=impl) for impl in ("fused", "reference")]
     torch.testing.assert_close(outs[0], outs[1])
     g = torch.randn_like(outs[0])
     grads = [torch.autograd.grad(o, (qkv, fc, gw), g) for o in outs]

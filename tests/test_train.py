@@ -330,7 +330,7 @@ def test_truncated_and_mismatched_weights_named(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="cut.safetensors: cannot read"):
         ckpt.load_weights(model, cut)
     other = timm.create_model("acmix_micro", embed_dims=(16, 32), num_classes=3)
-    with pytest.raises(ckpt.CheckpointError, match=r"last.safetensors: does not fit AcmixMicro: .*shape mismatch"):
+    with pytest.raises(ckpt.CheckpointError, match=r"last.safetensors: does not fit ACmixMicro: .*shape mismatch"):
         ckpt.load_weights(other, w)
     report = ckpt.load_weights(other, w, strict=False)
     assert "head.weight" in report["mismatched"] and not report["missing"]

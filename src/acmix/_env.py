@@ -1,6 +1,7 @@
 """Environment switches, read in one place.
 
 ``ACMIX_BACKEND``   force a local-attention backend (``reference``, ...); see :func:`acmix.ops.available_backends`.
+``ACMIX_AGGREGATE_BACKEND`` force a SAN aggregation backend; see :func:`acmix.ops.available_aggregate_backends`.
 ``ACMIX_LOG_LEVEL`` log level for the ``acmix`` logger (``DEBUG`` shows backend choices).
 ``ACMIX_RUN_SLOW``  ``1`` runs tests marked ``slow``.
 """
@@ -10,10 +11,14 @@ from __future__ import annotations
 import logging
 import os
 
+#: the environment variable that forces each switchable op's backend (see :mod:`acmix.ops.context`)
+BACKEND_ENV = {"attention": "ACMIX_BACKEND", "aggregate": "ACMIX_AGGREGATE_BACKEND"}
 
-def env_backend() -> str | None:
-    """The backend forced by ``ACMIX_BACKEND``, or None."""
-    value = os.environ.get("ACMIX_BACKEND", "").strip()
+
+def env_backend(op: str = "attention") -> str | None:
+    """The backend forced for ``op`` by its environment variable (:data:`BACKEND_ENV`), or None."""
+    var = BACKEND_ENV.get(op)
+    value = os.environ.get(var, "").strip() if var else ""
     return value or None
 
 

@@ -161,5 +161,5 @@ def cross_check(
 def _counting_scope(model: nn.Module, reference_backend: bool) -> Iterator[None]:
     """SDPA on its math kernel (the counter has no formula for the fused CPU kernels) and, optionally, acmix's
     reference local attention."""
-    with sdpa_kernel([SDPBackend.MATH]), reference_attention(model) if reference_backend else contextlib.nullcontext():
+    with sdpa_kernel([SDPBackend.MATH]), reference_attention() if reference_backend else contextlib.nullcontext():
         yield

@@ -224,7 +224,7 @@ def stage_split_report(resolution: int | tuple[int, int] = 224, skipped: list[st
     """The Stage I share of every 3 x 3 / attention / ACmix position of ResNet-50 (paper Sec. 3.3, paper.md 1.3).
 
     Models: timm's ``resnet50`` (torchvision v1.5 layout, the paper's "convolution"), the self-attention ResNet-50
-    with k_att = 7 (``acmix_resnet50`` with ``mixer_kwargs={"mix": "attn"}``) counted with the projections at the
+    with k_att = 7 (``acmix_resnet50`` with ``acmix_kwargs={"mix": "attn"}``) counted with the projections at the
     input resolution (as built) and at the output resolution, and ``acmix_resnet50``. Models that are not
     registered are skipped with a note.
     """
@@ -243,8 +243,8 @@ def stage_split_report(resolution: int | tuple[int, int] = 224, skipped: list[st
     }
     plans: list[tuple[str, str, dict[str, Any], str]] = [
         ("conv", "resnet50", {}, "input"),
-        ("self_attention_output_res", "acmix_resnet50", {"mixer_kwargs": {"mix": "attn"}}, "output"),
-        ("self_attention_input_res", "acmix_resnet50", {"mixer_kwargs": {"mix": "attn"}}, "input"),
+        ("self_attention_output_res", "acmix_resnet50", {"acmix_kwargs": {"mix": "attn"}}, "output"),
+        ("self_attention_input_res", "acmix_resnet50", {"acmix_kwargs": {"mix": "attn"}}, "input"),
         ("acmix", "acmix_resnet50", {}, "input"),
     ]
     built: dict[tuple[str, str], nn.Module] = {}

@@ -17,11 +17,10 @@ a stage, or an attention / ACmix module. :meth:`ModelCost.stage_split` sums thei
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..layers import ACmix
+from ..ops import use_backend
 from .cost import (
     MAC_CONVENTION,
     NO_STAGE,
@@ -191,10 +191,16 @@ def _acmix_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str,
     cost = acmix_cost(
         m.dim, m.dim_out, h, w, stride=m.stride, num_heads=m.num_heads, attn_kernel_size=m.attn_kernel_size,
         conv_kernel_size=m.conv_kernel_size, qkv_bias=m.qkv.bias is not None, fc_bias=m.fc.bias is not None,
-        use_rel_pos=m.pos_proj is not None, shift_mode=m.shift_mode, mix=m.mix, conv_impl=ctx.conv_impl or m.conv_impl,
-        proj_at=ctx.proj_at,
+        use_rel_pos=m.pos_proj is not None, shift_mode=m.shift_mode, mix=m.mix,
+        conv_impl=ctx.conv_impl or m.resolved_conv_impl(), proj_at=ctx.proj_at,
     )  # fmt: skip
     return ("local_attention" if m.mix == "attn" else "acmix"), _ran(cost, call)
+
+
+def _built_conv_impl(m: nn.Module) -> str:
+    """The convolution-path implementation an acmix host runs (``"fused"`` or ``"reference"``)."""
+    resolve = getattr(m, "resolved_conv_impl", None)
+    return str(resolve()) if callable(resolve) else "fused"
 
 
 def _timm_window_attention_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
@@ -212,7 +218,7 @@ def _timm_window_attention_rule(m: nn.Module, call: Call | None, ctx: WalkContex
 
 
 def _acmix_window_attention_rule(m: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str, Cost]:
-    """acmix ``AcmixWindowAttention``: input the (rolled, padded) map (B, Hp, Wp, C), output (B, H, W, C)."""
+    """acmix ``ACmixWindowAttention``: input the (rolled, padded) map (B, Hp, Wp, C), output (B, H, W, C)."""
     qkv, fc = m.qkv, m.fc
     assert isinstance(qkv, nn.Linear) and isinstance(fc, nn.Conv2d)
     ws = tuple(getattr(m, "window_size", (7, 7)))
@@ -222,7 +228,7 @@ def _acmix_window_attention_rule(m: nn.Module, call: Call | None, ctx: WalkConte
     cost = window_attention_cost(
         qkv.in_features, heads, (ws[0], ws[1]), h, w, head_dim=qkv.out_features // (3 * heads),
         qkv_bias=qkv.bias is not None, acmix=True, conv_kernel_size=int(getattr(m, "conv_kernel_size", 3)),
-        fc_bias=fc.bias is not None, conv_impl=ctx.conv_impl or str(getattr(m, "conv_impl", "fused")),
+        fc_bias=fc.bias is not None, conv_impl=ctx.conv_impl or _built_conv_impl(m),
         mix=str(getattr(m, "mix", "learned")),
     )  # fmt: skip
     return "acmix_window_attention", _ran(cost, call)
@@ -243,7 +249,7 @@ def _sra_rule(mod: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str,
         dim, heads, h, w, sr_ratio=sr, qkv_bias=q.bias is not None, extra_tokens=prefix, acmix=is_acmix,
         conv_kernel_size=int(getattr(m, "conv_kernel_size", 3)),
         fc_bias=isinstance(fc, nn.Conv2d) and fc.bias is not None,
-        conv_impl=ctx.conv_impl or str(getattr(m, "conv_impl", "fused")),
+        conv_impl=ctx.conv_impl or _built_conv_impl(m),
     )  # fmt: skip
     return ("acmix_sra" if is_acmix else "sra"), _ran(cost, call)
 
@@ -257,7 +263,7 @@ def _san_rule(mod: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str,
         int(m.dim), int(m.rel_dim), int(m.out_dim), h, w,
         share_planes=int(m.share_planes), kernel_size=int(m.kernel_size),
         sa_type=str(m.sa_type), acmix=is_acmix, conv_kernel_size=int(getattr(m, "conv_kernel_size", 3)),
-        conv_impl=ctx.conv_impl or str(getattr(m, "conv_impl", "fused")), elementwise=ctx.elementwise,
+        conv_impl=ctx.conv_impl or _built_conv_impl(m), elementwise=ctx.elementwise,
     )  # fmt: skip
     return ("acmix" if is_acmix else "san"), _ran(cost, call)
 
@@ -273,7 +279,7 @@ def _register_optional(module: str, cls_name: str, rule: Rule) -> None:
 
 
 _register_optional("timm.models.swin_transformer", "WindowAttention", _timm_window_attention_rule)
-_register_optional("acmix.layers.acmix_swin", "AcmixWindowAttention", _acmix_window_attention_rule)
+_register_optional("acmix.layers.acmix_swin", "ACmixWindowAttention", _acmix_window_attention_rule)
 _register_optional("acmix.layers.acmix_pvt", "SpatialReductionAttention", _sra_rule)
 _register_optional("acmix.layers.acmix_san", "SanAttention", _san_rule)
 
@@ -442,26 +448,11 @@ def _in_chans(model: nn.Module) -> int:
     return 3
 
 
-def _has_acmix_backend(m: nn.Module) -> bool:
-    """An acmix layer with a local-attention ``backend`` option (None or a backend name)."""
-    return type(m).__module__.startswith("acmix.") and isinstance(getattr(m, "backend", 0), (str, type(None)))
-
-
-@contextlib.contextmanager
-def reference_attention(model: nn.Module) -> Iterator[None]:
-    """Run acmix layers on the ``"reference"`` local-attention backend inside the block, restoring their choice.
-
-    The analytic count describes the reference formulation; fast backends may tile, pad or synchronise on data
-    (which fake tensors cannot do), none of which changes the operator's multiply-adds.
-    """
-    saved = {m: m.backend for m in model.modules() if _has_acmix_backend(m)}
-    try:
-        for m in saved:
-            m.backend = "reference"  # type: ignore[assignment]
-        yield
-    finally:
-        for m, b in saved.items():
-            m.backend = b  # type: ignore[assignment]
+def reference_attention() -> use_backend:
+    """Count on the ``"reference"`` local-attention backend: the analytic count describes the reference formulation;
+    fast backends may tile, pad or synchronise on data (which fake tensors cannot do), none of which changes the
+    operator's multiply-adds."""
+    return use_backend(attention="reference")
 
 
 def _run_forward(model: nn.Module, x_shape: tuple[int, ...], fake: bool, on_retry: Callable[[], None]) -> str:
@@ -553,7 +544,7 @@ def walk(
             calls.clear()
 
     try:
-        with reference_attention(model):
+        with reference_attention():
             traced = _run_forward(model, (1, chans, h, w), fake, reset)
     finally:
         for hd in handles:

@@ -8,7 +8,7 @@ interleaved (:func:`acmix.bench.runner.time_interleaved`), so that a shared, noi
 * ``acmix-reference``: the same weights with the official-style formulation forced on every ACmix layer
   (``backend="reference"``: unfold local attention, unfold SAN aggregation, FC + permute + group conv for the
   convolution path, explicit softmax(q k^T) v for the Swin/PVT host attention; see
-  :func:`acmix.bench.runner.set_attention_backend`).
+  :func:`acmix.bench.runner.backend_context`).
 
 Ratios compare time per image (so a batch halved after out-of-memory stays comparable) and peak memory. On a CPU
 the peak memory of each variant is measured in a fresh interpreter (``rss_hwm_subprocess``, see

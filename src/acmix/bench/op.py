@@ -134,9 +134,13 @@ class _Case:
                 self.module = ACmix(c, stride=s, num_heads=spec.heads, attn_kernel_size=spec.kernel)
             elif spec.subject == "acmix-official":
                 self.module = ACmix(
-                    c, stride=s, num_heads=spec.heads, attn_kernel_size=spec.kernel, backend="reference"
+                    c,
+                    stride=s,
+                    num_heads=spec.heads,
+                    attn_kernel_size=spec.kernel,
+                    backend="reference",
+                    conv_impl="reference",
                 )
-                self.module.conv_impl = "reference"
             else:
                 raise ValueError(f"unknown subject {spec.subject!r}; valid subjects: {', '.join(SUBJECTS)}")
             module = self.module.to(dev, dt)

@@ -33,7 +33,6 @@ import contextlib
 import gc
 import json
 import logging
-import os
 import statistics
 import sys
 import time
@@ -44,7 +43,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..ops import choose_aggregate_backend, choose_backend
+from ..layers import ConvPathMixin
+from ..ops import choose_aggregate_backend, choose_backend, use_backend
 from ..version import __version__
 from .env import PeakMemory, device_name, run_json_child, synchronize
 
@@ -187,29 +187,27 @@ def acmix_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in _acmix_modules(model) if any(hasattr(m, a) for a in ("backend", "conv_impl", "sa_type"))]
 
 
-#: environment forced around every step of a ``backend="reference"`` case (ops read these at each call)
-REFERENCE_ENV = {"ACMIX_BACKEND": "reference", "ACMIX_AGGREGATE_BACKEND": "reference"}
+def backend_context(backend: str | None) -> use_backend:
+    """The ops' implementations for a row's ``backend``: ``None`` automatic; ``"reference"`` the official-style
+    formulation of every op (unfold local attention and SAN aggregation, FC + permute + group-conv convolution path);
+    any other name that local-attention backend. Entered around every step of a :class:`PreparedCase`."""
+    if backend == "reference":
+        return use_backend(attention="reference", aggregate="reference", conv="reference")
+    return use_backend(attention=backend)
 
 
-def set_attention_backend(model: nn.Module, backend: str | None) -> int:
-    """Force ``backend`` on every ACmix layer of ``model`` (``None``: automatic); returns how many were set.
+def set_host_attention(model: nn.Module, backend: str | None) -> int:
+    """For ``backend="reference"``, run acmix's host attention as the official code does (explicit softmax(q k^T) v,
+    ``fused_attn=False``, as the official Swin); returns how many acmix layers can be switched at all.
 
-    ``"reference"`` means the official-style formulation as a whole: unfold local attention, and also the
-    FC + permute + group-conv convolution path (``conv_impl="reference"``) and explicit softmax(q k^T) v host
-    attention (``fused_attn=False``, as the official Swin code) on acmix's modules; SAN aggregation follows
-    :data:`REFERENCE_ENV`, which :class:`PreparedCase` sets around each step. Other choices leave those alone.
+    The local-attention, aggregation and convolution-path implementations are not module state: they follow
+    :func:`backend_context`.
     """
-    layers = acmix_layers(model)
-    for layer in layers:
-        if hasattr(layer, "backend"):
-            setattr(layer, "backend", backend)  # noqa: B010  (plain attribute of the acmix layers)
-        if backend == "reference" and getattr(layer, "conv_impl", None) == "fused":
-            setattr(layer, "conv_impl", "reference")  # noqa: B010
     if backend == "reference":
         for m in _acmix_modules(model):
             if getattr(m, "fused_attn", None) is True:
-                setattr(m, "fused_attn", False)  # noqa: B010
-    return len(layers)
+                setattr(m, "fused_attn", False)  # noqa: B010  (timm's attribute on acmix's window attention)
+    return len(acmix_layers(model))
 
 
 def describe_backend(model: nn.Module, backend: str | None, device: torch.device, dtype: torch.dtype) -> str:
@@ -232,7 +230,7 @@ def describe_backend(model: nn.Module, backend: str | None, device: torch.device
             parts.append(f"agg:{choose_aggregate_backend(sample[0]).name}")
     except (ValueError, RuntimeError) as exc:  # e.g. an ACMIX_BACKEND that cannot run here
         parts.append(f"?({exc})")
-    impls = sorted({str(m.conv_impl) for m in layers if hasattr(m, "conv_impl")})
+    impls = sorted({m.resolved_conv_impl() for m in layers if isinstance(m, ConvPathMixin)})
     if impls:
         parts.append("conv:" + "/".join(impls))
     return "+".join(parts)
@@ -283,22 +281,12 @@ class PreparedCase:
             config.batch, config.in_chans, config.resolution, config.resolution, device=self.device
         ).contiguous(memory_format=fmt)
         self.y = torch.randint(0, config.num_classes, (config.batch,), device=self.device)
-        self.env = REFERENCE_ENV if config.backend == "reference" else {}
+        self.backends = backend_context(config.backend)
 
     def step(self) -> None:
         """One inference forward, or one full training step (forward, loss, backward, update, free grads)."""
-        if not self.env:
-            return self._step()
-        saved = {k: os.environ.get(k) for k in self.env}
-        os.environ.update(self.env)
-        try:
+        with self.backends:
             self._step()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
 
     def _step(self) -> None:
         if self.optimizer is None:
@@ -443,7 +431,7 @@ def _time(
 ) -> BenchResult:
     with _threads(config.threads):
         module, default_name = _as_model(model, config, factory)
-        set_attention_backend(module, config.backend)
+        set_host_attention(module, config.backend)
         warm = prepare_with_oom_halving(module, mode, config, measure_memory=measure_memory)
         warm.times = [warm.case.time_once() for _ in range(config.repeats)]
         return _result(name or default_name, "", warm)
@@ -528,7 +516,7 @@ def time_interleaved(cases: list[BenchCase], mode: str, *, measure_memory: bool 
     warms = []
     for c in cases:
         with _threads(c.config.threads):
-            set_attention_backend(c.module, c.config.backend)
+            set_host_attention(c.module, c.config.backend)
             _logger.info("warming up %s (%s, %s)", c.name, c.variant or "-", mode)
             warms.append(prepare_with_oom_halving(c.module, mode, c.config, measure_memory=measure_memory))
     for r in range(repeats.pop()):
@@ -567,7 +555,7 @@ def _memory_child() -> int:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     module = create_model(spec["model"], num_classes=config.num_classes, in_chans=config.in_chans)
-    set_attention_backend(module, config.backend)
+    set_host_attention(module, config.backend)
     warm = prepare_with_oom_halving(module, spec["mode"], config, measure_memory=True)
     method = "rss_hwm_subprocess" if warm.mem_method == "rss_hwm" else warm.mem_method
     sys.stdout.write(json.dumps({"peak_mib": warm.peak_mib, "method": method, "batch": warm.case.config.batch}) + "\n")
@@ -600,7 +588,7 @@ def profile_step(
     config = config or BenchConfig()
     with _threads(config.threads):
         module, _ = _as_model(model, config, factory)
-        set_attention_backend(module, config.backend)
+        set_host_attention(module, config.backend)
         warm = prepare_with_oom_halving(module, mode, config, measure_memory=False)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if warm.case.device.type == "cuda" else [])
         with profile(activities=activities) as prof:

@@ -13,19 +13,17 @@ runs its ``reference`` backend while tracing) and checks it in onnxruntime on th
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from ..layers import ACmix
 from ..models import PAPER_TABLE, extract_state_dict, get_checkpoint_filter, load_official_checkpoint, read_checkpoint
+from ..ops import use_backend
 from .main import UsageError
 
 _logger = logging.getLogger(__name__)
@@ -83,20 +81,6 @@ def convert_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
     return {"report": report, "num_classes": getattr(model, "num_classes", None), "tensors": len(tensors)}
 
 
-@contextlib.contextmanager
-def attention_backend(model: nn.Module, backend: str) -> Iterator[None]:
-    """Temporarily run every ACmix layer of ``model`` on one local-attention backend."""
-    layers = [m for m in model.modules() if isinstance(m, ACmix)]
-    saved = [m.backend for m in layers]
-    for m in layers:
-        m.backend = backend
-    try:
-        yield
-    finally:
-        for m, b in zip(layers, saved):
-            m.backend = b
-
-
 def export_onnx(
     model: nn.Module,
     out: str | os.PathLike[str],
@@ -126,7 +110,7 @@ def export_onnx(
     x = torch.randn(*input_size, generator=torch.Generator().manual_seed(0))
     tmp = _atomic_target(out_path)
     try:
-        with attention_backend(model, "reference"), torch.no_grad():
+        with use_backend(attention="reference"), torch.no_grad():
             torch.onnx.export(
                 model,
                 (x,),

@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..layers import ACmix
-from ..ops import choose_backend
+from ..ops import choose_backend, use_backend
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,8 +24,8 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         y = layer(x)
         elapsed = time.perf_counter() - t0
-        layer.backend = "reference"
-        y_ref = layer(x)
+        with use_backend(attention="reference", conv="reference"):
+            y_ref = layer(x)
     print(layer)
     print(f"input  {tuple(x.shape)}  ->  output {tuple(y.shape)}")
     print(f"parameters: {sum(p.numel() for p in layer.parameters()):,}")

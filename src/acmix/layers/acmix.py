@@ -15,13 +15,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ..ops import conv_path, local_attention, shift_kernels, shift_sum_reference
+from ..ops import local_attention
 from ..ops._checks import check_odd_kernel, check_stride
-from ..ops._reference import conv_path_features
-from ..types import SHIFT_ALIASES, MixMode, ShiftMode
-
-_SHIFT_MODES = ("tensor", "fixed", "frozen", "learnable", "group")
-_MIX_MODES = ("learned", "fixed", "attn", "conv")
+from ..types import ConvImpl, MixMode, ShiftMode
+from .conv_path import ConvPathMixin
 
 
 def position_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -31,7 +28,7 @@ def position_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> t
     return torch.stack([loc_w, loc_h]).unsqueeze(0)
 
 
-class ACmix(nn.Module):
+class ACmix(ConvPathMixin, nn.Module):
     """ACmix: shared 1 x 1 projections, then a local self-attention path and a shift/convolution path.
 
     Output = alpha * attention(q, k, v) + beta * conv_path(q, k, v) (Fig. 2 (c)).
@@ -54,8 +51,11 @@ class ACmix(nn.Module):
         mix: ``"learned"`` alpha/beta (official), ``"fixed"`` alpha/beta, ``"attn"`` attention path only or
             ``"conv"`` convolution path only.
         alpha_init, beta_init: initial (or fixed) alpha and beta; official 0.5 each.
-        backend: local attention backend (``None``: automatic, see :func:`acmix.ops.available_backends`).
-        conv_impl: ``"fused"`` (one grouped conv, default) or ``"reference"`` (FC, permute, group conv).
+        backend: local attention backend (``None``: :func:`acmix.ops.use_backend` or automatic, see
+            :func:`acmix.ops.available_backends`).
+        conv_impl: ``"fused"`` (one grouped conv), ``"reference"`` (FC, permute, group conv), ``"auto"`` or ``None``
+            (fused up to 8 heads, :func:`acmix.ops.conv_path_maps`; ``None`` also follows
+            :func:`acmix.ops.use_backend`).
 
     Shape:
         input (B, dim, H, W) -> output (B, dim_out, ceil(H / stride), ceil(W / stride)), NCHW (channels_last ok).
@@ -79,7 +79,7 @@ class ACmix(nn.Module):
         alpha_init: float = 0.5,
         beta_init: float = 0.5,
         backend: str | None = None,
-        conv_impl: str = "fused",
+        conv_impl: ConvImpl | str | None = None,
     ) -> None:
         super().__init__()
         dim_out = dim if dim_out is None else dim_out
@@ -89,49 +89,30 @@ class ACmix(nn.Module):
         if dim_out % num_heads:
             raise ValueError(f"dim_out ({dim_out}) must be divisible by num_heads ({num_heads})")
         check_odd_kernel("attn_kernel_size", attn_kernel_size)
-        check_odd_kernel("conv_kernel_size", conv_kernel_size)
         check_stride(stride)
-        shift_mode = SHIFT_ALIASES.get(str(shift_mode).lower(), shift_mode)
-        if shift_mode not in _SHIFT_MODES:
-            raise ValueError(f"shift_mode must be one of {_SHIFT_MODES} (or a, b, c1, c2, c3), got {shift_mode!r}")
-        if mix not in _MIX_MODES:
-            raise ValueError(f"mix must be one of {_MIX_MODES}, got {mix!r}")
-        if conv_impl not in ("fused", "reference"):
-            raise ValueError(f"conv_impl must be 'fused' or 'reference', got {conv_impl!r}")
         self.dim, self.dim_out, self.stride, self.num_heads = dim, dim_out, stride, num_heads
         self.head_dim = dim_out // num_heads
-        self.attn_kernel_size, self.conv_kernel_size = attn_kernel_size, conv_kernel_size
-        self.shift_mode, self.shift_init, self.mix = str(shift_mode), shift_init, str(mix)
-        self.alpha_init, self.beta_init = alpha_init, beta_init
-        self.backend, self.conv_impl = backend, conv_impl
-        k2 = conv_kernel_size * conv_kernel_size
+        self.attn_kernel_size = attn_kernel_size
+        self.backend = backend
 
         # Stage I: the three 1 x 1 projections, fused into one conv (channels [q | k | v]).
         self.qkv = nn.Conv2d(dim, 3 * dim_out, 1, bias=qkv_bias)
         # official relative position term: conv_p on a 2-channel coordinate map
         self.pos_proj = nn.Conv2d(2, self.head_dim, 1) if use_rel_pos else None
-        # Stage II conv path: light FC 3N -> k_c^2 (Fig. 2), then the shift as a group conv (Fig. 3)
-        self.fc = nn.Conv2d(3 * num_heads, k2, 1, bias=fc_bias)
-        shape_full = (dim_out, k2, conv_kernel_size, conv_kernel_size)  # c-III
-        shape_shared = (self.head_dim, k2, conv_kernel_size, conv_kernel_size)  # c-I / c-II
-        self.shift_weight: nn.Parameter | None
-        if shift_mode == "group":
-            self.shift_weight = nn.Parameter(torch.empty(shape_full))
-        elif shift_mode in ("learnable", "frozen"):
-            self.shift_weight = nn.Parameter(torch.empty(shape_shared), requires_grad=shift_mode == "learnable")
-        else:
-            self.shift_weight = None
-        if shift_mode == "fixed":
-            self.register_buffer(
-                "shift_buffer", torch.empty(1, k2, conv_kernel_size, conv_kernel_size), persistent=False
-            )
-        if mix in ("learned", "fixed"):
-            if mix == "learned":
-                self.alpha = nn.Parameter(torch.empty(1))
-                self.beta = nn.Parameter(torch.empty(1))
-            else:
-                self.register_buffer("alpha", torch.empty(1))
-                self.register_buffer("beta", torch.empty(1))
+        # Stage II conv path: light FC 3N -> k_c^2 (Fig. 2), then the shift as a group conv (Fig. 3); alpha, beta
+        self.init_conv_path(
+            dim_out,
+            3 * num_heads,
+            self.head_dim,
+            conv_kernel_size=conv_kernel_size,
+            fc_bias=fc_bias,
+            shift_mode=shift_mode,
+            shift_init=shift_init,
+            mix=mix,
+            alpha_init=alpha_init,
+            beta_init=beta_init,
+            conv_impl=conv_impl,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -140,42 +121,13 @@ class ACmix(nn.Module):
         self.fc.reset_parameters()
         if self.pos_proj is not None:
             self.pos_proj.reset_parameters()
-        kernels = shift_kernels(self.conv_kernel_size)  # (k2, k, k)
-        if self.shift_weight is not None:
-            with torch.no_grad():
-                if self.shift_init or not self.shift_weight.requires_grad:
-                    self.shift_weight.copy_(kernels.expand_as(self.shift_weight))
-                else:
-                    nn.init.kaiming_normal_(self.shift_weight, mode="fan_out", nonlinearity="relu")
-        if self.shift_mode == "fixed":
-            self._buffer("shift_buffer").copy_(kernels.unsqueeze(0))
-        if self.mix in ("learned", "fixed"):
-            with torch.no_grad():
-                self.alpha.fill_(self.alpha_init)
-                self.beta.fill_(self.beta_init)
-
-    def _buffer(self, name: str) -> torch.Tensor:
-        buf = self.get_buffer(name)
-        assert isinstance(buf, torch.Tensor)
-        return buf
+        self.reset_shift_and_mix()
 
     def extra_repr(self) -> str:
         return (
             f"{self.dim}, {self.dim_out}, stride={self.stride}, num_heads={self.num_heads}, "
-            f"attn_kernel_size={self.attn_kernel_size}, conv_kernel_size={self.conv_kernel_size}, "
-            f"shift_mode={self.shift_mode!r}, mix={self.mix!r}"
+            f"attn_kernel_size={self.attn_kernel_size}, {self.conv_path_repr()}"
         )
-
-    def group_weight(self) -> torch.Tensor | None:
-        """The effective Fig. 3 c-III kernel (dim_out, k^2, k, k), output channel d * N + j; None for ``"tensor"``."""
-        if self.shift_mode == "group":
-            return self.shift_weight
-        if self.shift_mode in ("learnable", "frozen"):
-            assert self.shift_weight is not None
-            return self.shift_weight.repeat_interleave(self.num_heads, dim=0)
-        if self.shift_mode == "fixed":
-            return self._buffer("shift_buffer").expand(self.dim_out, -1, -1, -1)
-        return None
 
     def rel_pos(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor | None:
         """The position map (head_dim, H, W) that enters the logits as q_i . (p_i - p_j); None when disabled."""
@@ -215,23 +167,15 @@ class ACmix(nn.Module):
 
     def convolution_path(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) x 3 -> (B, C, Ho, Wo), channel d * N + j (the official group-major order)."""
-        fc_w = self.fc.weight.reshape(self.fc.weight.shape[0], -1)  # (k2, 3N)
-        if self.shift_mode == "tensor":
-            f = conv_path_features(q, k, v, self.num_heads, fc_w, self.fc.bias)  # (B, D*k2, H, W)
-            return shift_sum_reference(f, self.conv_kernel_size, self.num_heads, self.stride)
-        gw = self.group_weight()
-        assert gw is not None
-        return conv_path(q, k, v, self.num_heads, fc_w, gw, self.fc.bias, self.stride, impl=self.conv_impl)
+        return self.convolution_maps(torch.cat([q, k, v], 1), self.stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        q, k, v = self.qkv(x).chunk(3, dim=1)  # Stage I: (B, C, H, W) each
-        if self.mix == "attn":
-            return self.attention_path(q, k, v)
-        if self.mix == "conv":
-            return self.convolution_path(q, k, v)
-        att, conv = self.attention_path(q, k, v), self.convolution_path(q, k, v)
-        return self.alpha.to(att.dtype) * att + self.beta.to(conv.dtype) * conv  # Fig. 2 (c): alpha, beta
+        qkv = self.qkv(x)  # Stage I: (B, 3C, H, W), channels [q | k | v], head-major within each
+        q, k, v = qkv.chunk(3, dim=1)  # (B, C, H, W) each
+        att = self.attention_path(q, k, v) if self.uses_attention else None
+        conv = self.convolution_maps(qkv, self.stride) if self.uses_convolution else None
+        return self.mix_paths(att, conv)  # Fig. 2 (c): alpha * att + beta * conv
 
     # ------------------------------------------------------------------ official checkpoint compatibility
     def _load_from_state_dict(

@@ -15,25 +15,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import conv_path, shift_kernels
-from ..ops._checks import check_odd_kernel
+from ..ops import cell_upsample
+from ..types import ConvImpl, MixMode, ShiftMode
+from .conv_path import ConvPathMixin
 
-__all__ = ["ACmixSpatialReductionAttention", "SpatialReductionAttention", "cell_upsample"]
-
-
-def cell_upsample(x: torch.Tensor, size: tuple[int, int], ratio: int) -> torch.Tensor:
-    """Give every full-resolution pixel the value of the ``ratio x ratio`` cell it fell into in the reduction.
-
-    The SRA reduction is a conv with kernel = stride = ratio, so reduced position (i, j) summarises the cell
-    ``[i r, (i + 1) r) x [j r, (j + 1) r)``; rows and columns left over by the floor division take the last cell.
-
-    Shape:
-        x: (B, C, H // ratio, W // ratio) -> (B, C, H, W) with (H, W) = ``size``.
-    """
-    h, w = size
-    idx_h = (torch.arange(h, device=x.device) // ratio).clamp_(max=x.shape[-2] - 1)
-    idx_w = (torch.arange(w, device=x.device) // ratio).clamp_(max=x.shape[-1] - 1)
-    return x.index_select(-2, idx_h).index_select(-1, idx_w)
+__all__ = ["ACmixSpatialReductionAttention", "SpatialReductionAttention"]
 
 
 class SpatialReductionAttention(nn.Module):
@@ -118,22 +104,20 @@ class SpatialReductionAttention(nn.Module):
         return self.proj_drop(self.attend(q, k, v))
 
 
-class ACmixSpatialReductionAttention(SpatialReductionAttention):
+class ACmixSpatialReductionAttention(ConvPathMixin, SpatialReductionAttention):
     """SRA with the ACmix convolution path (this project's design, docs/deviations.md section "PVT").
 
     The conv path of Fig. 2 runs at full resolution on the Stage I features that SRA already computes: q at full
     resolution, and k, v from the reduced map, each full-resolution pixel taking the k, v of the reduction cell it
-    fell into (:func:`cell_upsample`). A light FC maps the 3N head maps to k_c^2 maps and a c-III group conv
-    (dim x k_c^2 x k_c x k_c, shift-initialised, no bias) shifts and sums them (:func:`acmix.ops.conv_path`).
+    fell into (:func:`acmix.ops.cell_upsample`). A light FC maps the 3N head maps to k_c^2 maps and a c-III group
+    conv (dim x k_c^2 x k_c x k_c, shift-initialised, no bias) shifts and sums them (:func:`acmix.ops.conv_path`).
     Output ``proj_drop(alpha * proj(attention) + beta * conv_path)`` as in the official Swin-ACmix; prefix tokens
     have no neighbourhood, their conv-path output is zero. The FC has a bias, as in the official transformer host.
 
     Args:
         dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop: as :class:`SpatialReductionAttention`.
-        conv_kernel_size: odd k_c (official 3).
-        fc_bias: bias of the conv-path FC (Swin-ACmix: yes).
-        alpha_init, beta_init: initial alpha and beta (official 0.5 each).
-        conv_impl: ``"fused"`` (default) or ``"reference"`` conv path.
+        conv_kernel_size, fc_bias, shift_mode, shift_init, mix, alpha_init, beta_init, conv_impl: the convolution
+            path and mix (:class:`acmix.layers.ConvPathMixin`).
 
     Shape:
         x (B, P + H * W, dim) -> same shape.
@@ -150,33 +134,35 @@ class ACmixSpatialReductionAttention(SpatialReductionAttention):
         proj_drop: float = 0.0,
         conv_kernel_size: int = 3,
         fc_bias: bool = True,
+        shift_mode: ShiftMode | str = "group",
+        shift_init: bool = True,
+        mix: MixMode | str = "learned",
         alpha_init: float = 0.5,
         beta_init: float = 0.5,
-        conv_impl: str = "fused",
+        conv_impl: ConvImpl | str | None = None,
     ) -> None:
         super().__init__(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        check_odd_kernel("conv_kernel_size", conv_kernel_size)
-        if conv_impl not in ("fused", "reference"):
-            raise ValueError(f"conv_impl must be 'fused' or 'reference', got {conv_impl!r}")
-        self.conv_kernel_size, self.conv_impl = conv_kernel_size, conv_impl
-        self.alpha_init, self.beta_init = alpha_init, beta_init
-        k2 = conv_kernel_size * conv_kernel_size
-        self.fc = nn.Conv2d(3 * num_heads, k2, 1, bias=fc_bias)
-        self.shift_weight = nn.Parameter(torch.empty(dim, k2, conv_kernel_size, conv_kernel_size))
-        self.alpha = nn.Parameter(torch.empty(1))
-        self.beta = nn.Parameter(torch.empty(1))
+        self.init_conv_path(
+            dim,
+            3 * num_heads,
+            self.head_dim,
+            conv_kernel_size=conv_kernel_size,
+            fc_bias=fc_bias,
+            shift_mode=shift_mode,
+            shift_init=shift_init,
+            mix=mix,
+            alpha_init=alpha_init,
+            beta_init=beta_init,
+            conv_impl=conv_impl,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Conv-path init as the official Swin-ACmix: default FC init, shift kernels kept, alpha/beta as given."""
-        self.fc.reset_parameters()
-        with torch.no_grad():
-            self.shift_weight.copy_(shift_kernels(self.conv_kernel_size).expand_as(self.shift_weight))
-            self.alpha.fill_(self.alpha_init)
-            self.beta.fill_(self.beta_init)
+        self.reset_conv_path()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, conv_kernel_size={self.conv_kernel_size}"
+        return f"{super().extra_repr()}, {self.conv_path_repr()}"
 
     def convolution_path(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int
@@ -194,16 +180,15 @@ class ACmixSpatialReductionAttention(SpatialReductionAttention):
         q_map = to_map(q, (h, w))
         k_map = cell_upsample(to_map(k, (hr, wr)), (h, w), self.sr_ratio)  # (B, C, H, W)
         v_map = cell_upsample(to_map(v, (hr, wr)), (h, w), self.sr_ratio)
-        fc_w = self.fc.weight.reshape(self.fc.weight.shape[0], -1)  # (k2, 3N)
-        out = conv_path(
-            q_map, k_map, v_map, self.num_heads, fc_w, self.shift_weight, self.fc.bias, impl=self.conv_impl
-        )  # (B, C, H, W)
+        out = self.convolution_maps(torch.cat([q_map, k_map, v_map], 1))  # (B, C, H, W)
         return out.flatten(2).transpose(1, 2)  # (B, H W, C)
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         q, k, v = self.project(x, feat_size, num_prefix_tokens)
-        att = self.attend(q, k, v)  # (B, P + H W, C)
-        conv = self.convolution_path(q, k, v, feat_size, num_prefix_tokens)  # (B, H W, C)
-        if num_prefix_tokens:
-            conv = F.pad(conv, (0, 0, num_prefix_tokens, 0))  # prefix tokens: no neighbourhood, conv path 0
-        return self.proj_drop(self.alpha.to(att.dtype) * att + self.beta.to(conv.dtype) * conv)
+        att = self.attend(q, k, v) if self.uses_attention else None  # (B, P + H W, C)
+        conv = None
+        if self.uses_convolution:
+            conv = self.convolution_path(q, k, v, feat_size, num_prefix_tokens)  # (B, H W, C)
+            if num_prefix_tokens:
+                conv = F.pad(conv, (0, 0, num_prefix_tokens, 0))  # prefix tokens: no neighbourhood, conv path 0
+        return self.proj_drop(self.mix_paths(att, conv))

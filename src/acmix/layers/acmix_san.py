@@ -19,10 +19,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import local_aggregate, reflect_pad2d, shift_kernels
+from ..ops import local_aggregate
 from ..ops._checks import check_odd_kernel
+from ..ops._indexing import reflect_pad2d
+from ..types import ConvImpl, MixMode, ShiftMode
+from .acmix import position_grid
+from .conv_path import ConvPathMixin
 
-__all__ = ["ACmixSanAttention", "SanAttention", "san_conv_path"]
+__all__ = ["ACmixSanAttention", "SanAttention"]
 
 _SA_TYPES = ("patchwise", "pairwise")
 
@@ -33,13 +37,6 @@ def _windows(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     xp = reflect_pad2d(x, kernel_size // 2)  # (B, C, H + 2p, W + 2p)
     cols = F.unfold(xp, kernel_size)  # (B, C*k*k, H*W), channel c * k*k + t
     return cols.reshape(b, c, kernel_size * kernel_size, h, w)
-
-
-def _position(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """SAN's coordinate map (1, 2, H, W): channel 0 is linspace(-1, 1) over W, channel 1 over H."""
-    loc_w = torch.linspace(-1.0, 1.0, w, dtype=dtype, device=device).expand(h, w)
-    loc_h = torch.linspace(-1.0, 1.0, h, dtype=dtype, device=device).unsqueeze(1).expand(h, w)
-    return torch.stack([loc_w, loc_h]).unsqueeze(0)
 
 
 class SanAttention(nn.Module):
@@ -129,7 +126,7 @@ class SanAttention(nn.Module):
             weight = self.conv_w(feats).reshape(b, self.weight_dim, k2, h, w)  # channel w * k2 + t
         else:
             assert self.conv_p is not None
-            pos = self.conv_p(_position(h, w, q.dtype, q.device))  # (1, 2, H, W)
+            pos = self.conv_p(position_grid(h, w, q.dtype, q.device))  # (1, 2, H, W)
             rel_q = q.unsqueeze(2) - k_win  # (B, rel, k2, H, W): q_i - k_j
             rel_p = (pos.unsqueeze(2) - _windows(pos, self.kernel_size)).expand(b, -1, -1, -1, -1)  # (B, 2, k2, H, W)
             feats = torch.cat([rel_q, rel_p], 1).reshape(b, -1, k2 * h, w)  # (B, rel + 2, k2 * H, W)
@@ -140,53 +137,7 @@ class SanAttention(nn.Module):
         return self.attention_path(self.project(x))
 
 
-def san_conv_path(
-    qkv: torch.Tensor,
-    head_dim: int,
-    fc_weight: torch.Tensor,
-    group_weight: torch.Tensor,
-    impl: str = "fused",
-) -> torch.Tensor:
-    """ACmix conv path over M head maps of one width (projections of unequal widths, e.g. SAN's q, k, v).
-
-    The light FC maps the M head maps of every channel d < head_dim to k_c^2 maps (shared over d and pixels), the
-    group conv (groups = head_dim, zero padding) shifts and sums them (Fig. 2, Fig. 3 c-III). With
-    ``qkv = cat([q, k, v])`` of three equal widths this is exactly :func:`acmix.ops.conv_path` (tested).
-
-    Args:
-        qkv: stacked projections, channel m * head_dim + d (m < M).
-        head_dim: channels per head map.
-        fc_weight: (k_c^2, M) or (k_c^2, M, 1, 1).
-        group_weight: (C_out, k_c^2, k_c, k_c); output channel d * (C_out / head_dim) + j.
-        impl: ``"fused"`` (FC and group conv composed into one grouped conv) or ``"reference"``.
-
-    Shape:
-        qkv: (B, M * head_dim, H, W) -> (B, C_out, H, W).
-    """
-    b, c, h, w = qkv.shape
-    if c % head_dim:
-        raise ValueError(f"qkv channels ({c}) must be divisible by head_dim ({head_dim})")
-    m = c // head_dim
-    kc = group_weight.shape[-1]
-    fc = fc_weight.reshape(fc_weight.shape[0], -1).to(qkv.dtype)  # (k2, M)
-    if fc.shape != (kc * kc, m) or group_weight.shape[1:] != (kc * kc, kc, kc) or group_weight.shape[0] % head_dim:
-        raise ValueError(
-            f"fc_weight must be (k^2, M) = ({kc * kc}, {m}) and group_weight (C_out, k^2, k, k) with C_out divisible "
-            f"by head_dim {head_dim}; got {tuple(fc_weight.shape)} and {tuple(group_weight.shape)}"
-        )
-    gw = group_weight.to(qkv.dtype)
-    if impl == "reference":
-        f = torch.einsum("im,bmdx->bidx", fc, qkv.reshape(b, m, head_dim, h * w))  # (B, k2, D, HW)
-        f = f.permute(0, 2, 1, 3).reshape(b, head_dim * kc * kc, h, w)  # (B, D * k2, H, W): channel d * k2 + i
-        return F.conv2d(f, gw, None, padding=kc // 2, groups=head_dim)
-    if impl != "fused":
-        raise ValueError(f"impl must be 'fused' or 'reference', got {impl!r}")
-    weight = torch.einsum("oixy,im->omxy", gw, fc)  # (C_out, M, kc, kc): FC folded into the group conv
-    x = qkv.reshape(b, m, head_dim, h, w).transpose(1, 2).reshape(b, head_dim * m, h, w)  # channel d * M + m
-    return F.conv2d(x, weight, None, padding=kc // 2, groups=head_dim)
-
-
-class ACmixSanAttention(SanAttention):
+class ACmixSanAttention(ConvPathMixin, SanAttention):
     """SAN's self-attention module with the ACmix convolution path (this project's design, docs/deviations.md).
 
     Stage I is SAN's (q, k of width rel_dim, v of width out_dim). The head maps of the conv path are SAN's weight-
@@ -197,9 +148,8 @@ class ACmixSanAttention(SanAttention):
 
     Args:
         dim, rel_dim, out_dim, share_planes, kernel_size, sa_type: as :class:`SanAttention`.
-        conv_kernel_size: odd k_c (official 3).
-        alpha_init, beta_init: initial alpha and beta.
-        conv_impl: ``"fused"`` (default) or ``"reference"`` conv path.
+        conv_kernel_size, fc_bias, shift_mode, shift_init, mix, alpha_init, beta_init, conv_impl: the convolution
+            path and mix (:class:`acmix.layers.ConvPathMixin`); the FC has no bias, as in the official ResNet host.
 
     Shape:
         input (B, dim, H, W) -> output (B, out_dim, H, W).
@@ -215,43 +165,46 @@ class ACmixSanAttention(SanAttention):
         kernel_size: int = 7,
         sa_type: str = "patchwise",
         conv_kernel_size: int = 3,
+        fc_bias: bool = False,
+        shift_mode: ShiftMode | str = "group",
+        shift_init: bool = True,
+        mix: MixMode | str = "learned",
         alpha_init: float = 0.5,
         beta_init: float = 0.5,
-        conv_impl: str = "fused",
+        conv_impl: ConvImpl | str | None = None,
     ) -> None:
         super().__init__(dim, rel_dim, out_dim, share_planes=share_planes, kernel_size=kernel_size, sa_type=sa_type)
-        check_odd_kernel("conv_kernel_size", conv_kernel_size)
         if rel_dim % self.weight_dim:
             raise ValueError(f"rel_dim ({rel_dim}) must be divisible by out_dim / share_planes ({self.weight_dim})")
-        if conv_impl not in ("fused", "reference"):
-            raise ValueError(f"conv_impl must be 'fused' or 'reference', got {conv_impl!r}")
-        self.conv_kernel_size, self.conv_impl = conv_kernel_size, conv_impl
-        self.alpha_init, self.beta_init = alpha_init, beta_init
         self.head_dim = self.weight_dim
-        self.num_maps = (2 * rel_dim + out_dim) // self.head_dim  # M head maps: 2 rel / Wc + share_planes
-        k2 = conv_kernel_size * conv_kernel_size
-        self.fc = nn.Conv2d(self.num_maps, k2, 1, bias=False)  # the ResNet-host ACmix FC has no bias
-        self.shift_weight = nn.Parameter(torch.empty(out_dim, k2, conv_kernel_size, conv_kernel_size))
-        self.alpha = nn.Parameter(torch.empty(1))
-        self.beta = nn.Parameter(torch.empty(1))
+        self.init_conv_path(
+            out_dim,
+            (2 * rel_dim + out_dim) // self.head_dim,  # M head maps: 2 rel / Wc + share_planes
+            self.head_dim,
+            conv_kernel_size=conv_kernel_size,
+            fc_bias=fc_bias,
+            shift_mode=shift_mode,
+            shift_init=shift_init,
+            mix=mix,
+            alpha_init=alpha_init,
+            beta_init=beta_init,
+            conv_impl=conv_impl,
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """Conv-path init: default FC init, shift kernels in the group conv (Fig. 3 c-III), alpha = beta as given."""
-        self.fc.reset_parameters()
-        with torch.no_grad():
-            self.shift_weight.copy_(shift_kernels(self.conv_kernel_size).expand_as(self.shift_weight))
-            self.alpha.fill_(self.alpha_init)
-            self.beta.fill_(self.beta_init)
+        self.reset_conv_path()
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, conv_kernel_size={self.conv_kernel_size}, num_maps={self.num_maps}"
+        return f"{super().extra_repr()}, {self.conv_path_repr()}, num_maps={self.num_maps}"
 
     def convolution_path(self, qkv: torch.Tensor) -> torch.Tensor:
         """(B, 2 rel_dim + out_dim, H, W) -> (B, out_dim, H, W)."""
-        return san_conv_path(qkv, self.head_dim, self.fc.weight, self.shift_weight, impl=self.conv_impl)
+        return self.convolution_maps(qkv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qkv = self.project(x)
-        att, conv = self.attention_path(qkv), self.convolution_path(qkv)
-        return self.alpha.to(att.dtype) * att + self.beta.to(conv.dtype) * conv
+        att = self.attention_path(qkv) if self.uses_attention else None
+        conv = self.convolution_path(qkv) if self.uses_convolution else None
+        return self.mix_paths(att, conv)

@@ -25,15 +25,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, window_partition, window_reverse
 
-from ..ops import conv_path, shift_kernels
-from ..types import MixMode
+from ..types import ConvImpl, MixMode, ShiftMode
+from .conv_path import ConvPathMixin
 
-__all__ = ["AcmixSwinBlock", "AcmixWindowAttention"]
-
-_MIX_MODES = ("learned", "fixed", "attn", "conv")
+__all__ = ["ACmixSwinBlock", "ACmixWindowAttention"]
 
 
-class AcmixWindowAttention(WindowAttention):
+class ACmixWindowAttention(ConvPathMixin, WindowAttention):
     """Swin window attention with the ACmix convolution path; works on the whole (rolled, padded) map.
 
     Args:
@@ -42,14 +40,10 @@ class AcmixWindowAttention(WindowAttention):
         head_dim: channels per head (``dim // num_heads`` by default).
         window_size: attention window.
         qkv_bias, attn_drop, proj_drop: as in timm's ``WindowAttention``.
-        conv_kernel_size: odd conv-path kernel (official 3).
-        fc_bias: bias on the conv-path FC (official Swin: yes).
-        shift_init: initialise the group conv as shift kernels (official Swin: yes); False gives Kaiming normal.
-        mix: ``"learned"`` alpha/beta (official), ``"fixed"``, ``"attn"`` (attention only) or ``"conv"``.
-        alpha_init, beta_init: initial alpha (attention) and beta (convolution), official 0.5 each.
-        conv_impl: convolution path of :func:`acmix.ops.conv_path`: ``"fused"`` (one grouped conv, 27 N C HW
-            multiply-adds), ``"reference"`` (FC + group conv, 108 C HW) or ``"auto"`` (the cheaper: fused for
-            N <= 4 heads, reference above; Swin's deep stages have 12 and 24 heads).
+        conv_kernel_size, fc_bias, shift_mode, shift_init, mix, alpha_init, beta_init, conv_impl: the convolution
+            path and mix (:class:`acmix.layers.ConvPathMixin`); official Swin: FC with bias, shift init kept.
+            ``conv_impl`` ``None``/``"auto"`` runs fused (one grouped conv, 27 N C HW multiply-adds) up to N = 8
+            heads and FC + group conv (108 C HW) above (Swin's deep stages have 12 and 24 heads).
 
     Shape:
         forward: x (B, Hp, Wp, C) with Hp, Wp multiples of the window (the rolled, padded map) -> (B, H, W, C),
@@ -68,63 +62,46 @@ class AcmixWindowAttention(WindowAttention):
         *,
         conv_kernel_size: int = 3,
         fc_bias: bool = True,
+        shift_mode: ShiftMode | str = "group",
         shift_init: bool = True,
         mix: MixMode | str = "learned",
         alpha_init: float = 0.5,
         beta_init: float = 0.5,
-        conv_impl: str = "auto",
+        conv_impl: ConvImpl | str | None = None,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         hd = head_dim or dim // num_heads
         if hd * num_heads != dim:
             raise ValueError(f"ACmix needs num_heads * head_dim == dim, got {num_heads} * {hd} != {dim}")
-        if conv_kernel_size < 1 or conv_kernel_size % 2 == 0:
-            raise ValueError(f"conv_kernel_size must be a positive odd int, got {conv_kernel_size}")
-        if mix not in _MIX_MODES:
-            raise ValueError(f"mix must be one of {_MIX_MODES}, got {mix!r}")
-        if conv_impl not in ("auto", "fused", "reference"):
-            raise ValueError(f"conv_impl must be 'auto', 'fused' or 'reference', got {conv_impl!r}")
-        if conv_impl == "auto":
-            conv_impl = "fused" if num_heads <= 4 else "reference"
-        self.conv_kernel_size, self.shift_init, self.mix = conv_kernel_size, shift_init, str(mix)
-        self.alpha_init, self.beta_init, self.conv_impl = alpha_init, beta_init, conv_impl
         self._acmix_ready = False
         super().__init__(dim, num_heads, head_dim, window_size, qkv_bias, attn_drop, proj_drop, device, dtype)
-        k2 = conv_kernel_size * conv_kernel_size
-        dd = {"device": device, "dtype": dtype}
-        # Stage II conv path: light FC 3N -> k^2 (Fig. 2), then the shift as a group conv (Fig. 3 c-III)
-        self.fc = nn.Conv2d(3 * num_heads, k2, 1, bias=fc_bias, **dd)
-        self.shift_weight = nn.Parameter(torch.empty(dim, k2, conv_kernel_size, conv_kernel_size, **dd))
-        if self.mix == "learned":
-            self.alpha = nn.Parameter(torch.empty(1, **dd))
-            self.beta = nn.Parameter(torch.empty(1, **dd))
-        else:
-            self.register_buffer("alpha", torch.empty(1, **dd))
-            self.register_buffer("beta", torch.empty(1, **dd))
+        self.init_conv_path(
+            dim,
+            3 * num_heads,
+            hd,
+            conv_kernel_size=conv_kernel_size,
+            fc_bias=fc_bias,
+            shift_mode=shift_mode,
+            shift_init=shift_init,
+            mix=mix,
+            alpha_init=alpha_init,
+            beta_init=beta_init,
+            conv_impl=conv_impl,
+            device=device,
+            dtype=dtype,
+        )
         self._acmix_ready = True
-        self.reset_acmix_parameters()
+        self.reset_conv_path()
 
     def reset_parameters(self) -> None:
         """timm's init of the bias table and buffers, then the ACmix init (shift kernels, alpha = beta = 0.5)."""
         super().reset_parameters()
         if self._acmix_ready:
-            self.reset_acmix_parameters()
-
-    def reset_acmix_parameters(self) -> None:
-        """Official init: PyTorch default FC init, shift kernels in the group conv, alpha = beta = 0.5."""
-        self.fc.reset_parameters()
-        with torch.no_grad():
-            if self.shift_init:
-                kernels = shift_kernels(self.conv_kernel_size).to(self.shift_weight)
-                self.shift_weight.copy_(kernels.expand_as(self.shift_weight))
-            else:
-                nn.init.kaiming_normal_(self.shift_weight, mode="fan_out", nonlinearity="relu")
-            self.alpha.fill_(self.alpha_init)
-            self.beta.fill_(self.beta_init)
+            self.reset_conv_path()
 
     @classmethod
-    def from_window_attention(cls, attn: WindowAttention, **acmix_kwargs: Any) -> AcmixWindowAttention:
+    def from_window_attention(cls, attn: WindowAttention, **acmix_kwargs: Any) -> ACmixWindowAttention:
         """An ACmix attention holding a copy of ``attn``'s qkv, proj and bias table (same window, heads, dropout)."""
         dim = attn.qkv.in_features
         head_dim = attn.qkv.out_features // 3 // attn.num_heads
@@ -142,14 +119,16 @@ class AcmixWindowAttention(WindowAttention):
         )
         new.fused_attn = attn.fused_attn  # type: ignore[misc]
         missing, unexpected = new.load_state_dict(attn.state_dict(), strict=False)
-        assert not unexpected and all(k in ("fc.weight", "fc.bias", "shift_weight", "alpha", "beta") for k in missing)
+        foreign = [k for k in missing if k not in ("fc.weight", "fc.bias", "shift_weight", "alpha", "beta")]
+        if unexpected or foreign:
+            raise RuntimeError(
+                f"{type(attn).__name__} does not map onto ACmixWindowAttention: missing {foreign}, "
+                f"unexpected {unexpected}"
+            )
         return new
 
     def extra_repr(self) -> str:
-        return (
-            f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, "
-            f"conv_kernel_size={self.conv_kernel_size}, mix={self.mix!r}"
-        )
+        return f"dim={self.dim}, window_size={self.window_size}, num_heads={self.num_heads}, {self.conv_path_repr()}"
 
     def attention_windows(self, qkv: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """timm's (S)W-MSA from precomputed qkv, then ``proj``.
@@ -185,9 +164,7 @@ class AcmixWindowAttention(WindowAttention):
         Shape:
             qkv (B, H, W, 3C) -> (B, H, W, C), channel d * N + j (the official group-major order).
         """
-        q, k, v = qkv.permute(0, 3, 1, 2).chunk(3, dim=1)  # (B, C, H, W) each, head-major channels
-        fc_w = self.fc.weight.reshape(self.fc.weight.shape[0], -1)  # (k2, 3N)
-        out = conv_path(q, k, v, self.num_heads, fc_w, self.shift_weight, self.fc.bias, 1, impl=self.conv_impl)
+        out = self.convolution_maps(qkv.permute(0, 3, 1, 2))  # (B, 3C, H, W) head maps [q | k | v] -> (B, C, H, W)
         return out.permute(0, 2, 3, 1)
 
     def forward(  # type: ignore[override]
@@ -195,30 +172,29 @@ class AcmixWindowAttention(WindowAttention):
     ) -> torch.Tensor:
         """Attention over windows of ``x`` plus the convolution path over its top-left ``size`` region."""
         if x.dim() != 4:
-            raise ValueError(f"AcmixWindowAttention expects a (B, H, W, C) map, got shape {tuple(x.shape)}")
+            raise ValueError(f"ACmixWindowAttention expects a (B, H, W, C) map, got shape {tuple(x.shape)}")
         b, hp, wp, c = x.shape
         h, w = size if size is not None else (hp, wp)
         ws0, ws1 = self.window_size
         if hp % ws0 or wp % ws1:
             raise ValueError(f"map {hp}x{wp} is not a multiple of the window {self.window_size}; pad it first")
         qkv = self.qkv(x)  # Stage I on the whole map: (B, Hp, Wp, 3C)
-        if self.mix == "conv":
-            return self.proj_drop(self.convolution_path(qkv[:, :h, :w]))
-        windows = window_partition(qkv, self.window_size).view(-1, ws0 * ws1, 3 * c)  # (nW*B, N, 3C)
-        att = self.attention_windows(windows, mask).view(-1, ws0, ws1, c)
-        att = window_reverse(att, self.window_size, hp, wp)[:, :h, :w]  # (B, H, W, C)
-        if self.mix == "attn":
-            return self.proj_drop(att)
-        conv = self.convolution_path(qkv[:, :h, :w])  # on the rolled map, before window partition
-        return self.proj_drop(self.alpha.to(att.dtype) * att + self.beta.to(conv.dtype) * conv)
+        att = conv = None
+        if self.uses_attention:
+            windows = window_partition(qkv, self.window_size).view(-1, ws0 * ws1, 3 * c)  # (nW*B, N, 3C)
+            att = self.attention_windows(windows, mask).view(-1, ws0, ws1, c)
+            att = window_reverse(att, self.window_size, hp, wp)[:, :h, :w]  # (B, H, W, C)
+        if self.uses_convolution:
+            conv = self.convolution_path(qkv[:, :h, :w])  # on the rolled map, before window partition
+        return self.proj_drop(self.mix_paths(att, conv))
 
 
-class AcmixSwinBlock(SwinTransformerBlock):
-    """timm's Swin block whose attention is :class:`AcmixWindowAttention` (conv path on the rolled map).
+class ACmixSwinBlock(SwinTransformerBlock):
+    """timm's Swin block whose attention is :class:`ACmixWindowAttention` (conv path on the rolled map).
 
     Args:
         *args, **kwargs: :class:`timm.models.swin_transformer.SwinTransformerBlock` arguments.
-        acmix_kwargs: keyword arguments for :class:`AcmixWindowAttention`.
+        acmix_kwargs: keyword arguments for :class:`ACmixWindowAttention`.
 
     Shape:
         input (B, H, W, C) -> output (B, H, W, C).
@@ -226,10 +202,10 @@ class AcmixSwinBlock(SwinTransformerBlock):
 
     def __init__(self, *args: Any, acmix_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.attn = AcmixWindowAttention.from_window_attention(self.attn, **(acmix_kwargs or {}))
+        self.attn = ACmixWindowAttention.from_window_attention(self.attn, **(acmix_kwargs or {}))
 
     @classmethod
-    def from_block(cls, block: SwinTransformerBlock, **acmix_kwargs: Any) -> AcmixSwinBlock:
+    def from_block(cls, block: SwinTransformerBlock, **acmix_kwargs: Any) -> ACmixSwinBlock:
         """Convert a built timm block: the same modules and settings, with an ACmix attention (a copy of its own)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -242,7 +218,7 @@ class AcmixSwinBlock(SwinTransformerBlock):
             setattr(new, name, module)
         for name, buf in block._buffers.items():
             new.register_buffer(name, buf, persistent=name not in block._non_persistent_buffers_set)
-        new.attn = AcmixWindowAttention.from_window_attention(block.attn, **acmix_kwargs)  # type: ignore[arg-type]
+        new.attn = ACmixWindowAttention.from_window_attention(block.attn, **acmix_kwargs)  # type: ignore[arg-type]
         return new
 
     def _attn(self, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from ._loading import (
 )
 from ._meta import PAPER_TABLE, PaperRow, paper_row
 from ._registry_check import ACMIX_ENTRYPOINTS, acmix_cfg, register_acmix_model
-from .micro import AcmixMicro as AcmixMicro  # registers acmix_micro (the embedded-digits model)
+from .micro import ACmixMicro as ACmixMicro  # registers acmix_micro (the embedded-digits model)
 from .pvt import PyramidVisionTransformer
 from .resnet import ResNet
 from .san import SAN

@@ -20,7 +20,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 
 from ..layers import ACmix
 
-__all__ = ["AcmixMicro"]
+__all__ = ["ACmixMicro"]
 
 
 class MicroBlock(nn.Module):
@@ -72,7 +72,7 @@ class MicroBlock(nn.Module):
         return self.act(y + self.shortcut(x))
 
 
-class AcmixMicro(nn.Module):
+class ACmixMicro(nn.Module):
     """Stem conv, one ACmix stage per entry of ``embed_dims`` (stride 2 from the second on), pool, linear head.
 
     Args:
@@ -227,9 +227,9 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 default_cfgs = generate_default_cfgs({"acmix_micro": _cfg()})
 
 
-def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> AcmixMicro:
+def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> ACmixMicro:
     return build_model_with_cfg(
-        AcmixMicro,
+        ACmixMicro,
         variant,
         pretrained,
         pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None),
@@ -239,7 +239,7 @@ def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> Acmi
 
 
 @register_model
-def acmix_micro(pretrained: bool = False, **kwargs: Any) -> AcmixMicro:
+def acmix_micro(pretrained: bool = False, **kwargs: Any) -> ACmixMicro:
     """ACmix-Micro for 8 x 8 digits: 32 -> 64 channels, one ACmix block per stage, ~60 k parameters."""
     model_args: dict[str, Any] = dict(embed_dims=(32, 64), depths=(1, 1), num_heads=4, attn_kernel_size=5)
     return _create_micro("acmix_micro", pretrained=pretrained, **dict(model_args, **kwargs))

@@ -88,13 +88,13 @@ class PvtBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         attn_layer: str = "sra",
-        conv_kernel_size: int = 3,
+        acmix_kwargs: dict[str, Any] | None = None,
         norm_layer: Any = None,
     ) -> None:
         super().__init__()
         if attn_layer not in PVT_ATTN_LAYERS:
             raise ValueError(f"attn_layer must be one of {tuple(PVT_ATTN_LAYERS)}, got {attn_layer!r}")
-        extra: dict[str, Any] = dict(conv_kernel_size=conv_kernel_size) if attn_layer == "acmix" else {}
+        extra: dict[str, Any] = dict(acmix_kwargs or {}) if attn_layer == "acmix" else {}
         norm_layer = norm_layer or partial(nn.LayerNorm, eps=1e-6)  # upstream blocks: eps 1e-6
         self.norm1 = norm_layer(dim)
         self.attn = PVT_ATTN_LAYERS[attn_layer](
@@ -200,7 +200,8 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
         drop_path_rate: stochastic depth, linearly increasing over all blocks (upstream rule).
         attn_layer: ``"sra"`` (PVT) or ``"acmix"`` (ACmix-PVT), or one per stage; the only argument in which
             PVT and ACmix-PVT differ.
-        conv_kernel_size: ACmix conv-path kernel k_c (3).
+        acmix_kwargs: keyword arguments for every :class:`acmix.layers.ACmixSpatialReductionAttention`
+            (``conv_kernel_size``, ``mix``, ``shift_mode``...).
 
     Shape:
         input (B, in_chans, H, W), H, W >= 32 -> logits (B, num_classes); forward_features gives the normalised
@@ -225,7 +226,7 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
         attn_layer: str | Sequence[str] = "sra",
-        conv_kernel_size: int = 3,
+        acmix_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         n = len(depths)
@@ -266,7 +267,7 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
                     proj_drop=proj_drop_rate,
                     attn_drop=attn_drop_rate,
                     attn_layer=stage_attn[i],
-                    conv_kernel_size=conv_kernel_size,
+                    acmix_kwargs=acmix_kwargs,
                 )
             )
             self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))

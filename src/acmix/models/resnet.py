@@ -6,11 +6,11 @@ follows the released ``ResNet/ResNet_ImageNet.py`` of LeapLabTHU/ACmix (written 
 [1, 2, 4, 1] / [2, 3, 5, 2] / [3, 4, 6, 3] (paper.md 4.4); ACmix replaces the bottleneck's 3 x 3 conv by
 ``ACmix(width, width, stride=s)``.
 
-The class is timm's :class:`timm.models.resnet.ResNet` with a bottleneck whose mixer is one argument
-(``mixer="conv" | "acmix"``), so baseline and ACmix differ in exactly that, and every timm feature (features_only,
-forward_intermediates, grad checkpointing, drop_path_rate...) works. ``resnet50_san`` is architecturally timm's
-``resnet50``: their state dicts are interchangeable. Official ``ACmix_ResNet`` state dicts load through
-:func:`checkpoint_filter_fn`.
+The class is timm's :class:`timm.models.resnet.ResNet` with a bottleneck whose spatial mixer is one argument
+(``attn_layer="conv" | "acmix"``, the same switch as every acmix family), so baseline and ACmix differ in exactly
+that, and every timm feature (features_only, forward_intermediates, grad checkpointing, drop_path_rate...) works.
+``resnet50_san`` is architecturally timm's ``resnet50``: their state dicts are interchangeable. Official
+``ACmix_ResNet`` state dicts load through :func:`checkpoint_filter_fn`.
 
 Deviations (docs/deviations.md): ``zero_init_last`` is off (the official code does not zero-init residual BNs);
 Kaiming init is applied per projection of the fused q/k/v conv, reproducing the official three separate convs.
@@ -33,7 +33,7 @@ from ._registry_check import acmix_cfg, register_acmix_model
 
 __all__ = ["MIXERS", "MixerBottleneck", "ResNet", "checkpoint_filter_fn"]
 
-#: spatial mixers the bottleneck accepts
+#: spatial mixers the bottleneck accepts (the model's ``attn_layer``)
 MIXERS = ("conv", "acmix")
 
 
@@ -42,8 +42,9 @@ class MixerBottleneck(_TimmBottleneck):
 
     Args:
         inplanes, planes, stride, downsample: as in :class:`timm.models.resnet.Bottleneck`.
-        mixer: ``"conv"`` (3 x 3 convolution, the plain bottleneck) or ``"acmix"`` (``ACmix(width, width, stride)``).
-        mixer_kwargs: keyword arguments for :class:`acmix.ACmix` (``num_heads``, ``attn_kernel_size``, ``mix``...).
+        mixer: ``"conv"`` (3 x 3 convolution, the plain bottleneck) or ``"acmix"`` (``ACmix(width, width, stride)``);
+            the model's ``attn_layer`` (timm's bottleneck already has an ``attn_layer``: the attention after it).
+        mixer_kwargs: keyword arguments for :class:`acmix.ACmix` (the model's ``acmix_kwargs``).
         **kwargs: the remaining :class:`timm.models.resnet.Bottleneck` arguments.
 
     Shape:
@@ -86,8 +87,8 @@ class ResNet(OfficialWeightsMixin, _TimmResNet):
 
     Args:
         layers: blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet-50.
-        mixer: ``"conv"`` (baseline ResNet) or ``"acmix"`` (ACmix-ResNet).
-        mixer_kwargs: forwarded to every :class:`acmix.ACmix` (e.g. ``{"mix": "attn"}`` for a pure local
+        attn_layer: the bottleneck's spatial mixer, ``"conv"`` (baseline ResNet) or ``"acmix"`` (ACmix-ResNet).
+        acmix_kwargs: forwarded to every :class:`acmix.ACmix` (e.g. ``{"mix": "attn"}`` for a pure local
             self-attention ResNet, ``{"shift_init": True}`` to keep the paper's shift initialisation).
         zero_init_last: zero-init the last BN of each block (timm's default; off here as in the official code).
         **kwargs: any other :class:`timm.models.resnet.ResNet` argument (``num_classes``, ``in_chans``,
@@ -95,7 +96,7 @@ class ResNet(OfficialWeightsMixin, _TimmResNet):
 
     Initialisation follows the released code: ``kaiming_normal_(fan_out, relu)`` on every convolution weight,
     including inside ACmix (q, k and v each as its own C x C conv, the position conv, the FC and the group conv, whose
-    shift initialisation is thereby overwritten). ``mixer_kwargs={"shift_init": True}`` keeps the shift kernels.
+    shift initialisation is thereby overwritten). ``acmix_kwargs={"shift_init": True}`` keeps the shift kernels.
 
     Shape:
         input (B, in_chans, H, W) -> logits (B, num_classes); features (B, 2048, ceil(H / 32), ceil(W / 32)).
@@ -104,21 +105,21 @@ class ResNet(OfficialWeightsMixin, _TimmResNet):
     def __init__(
         self,
         layers: Sequence[int] = (3, 4, 6, 3),
-        mixer: str = "conv",
-        mixer_kwargs: dict[str, Any] | None = None,
+        attn_layer: str = "conv",
+        acmix_kwargs: dict[str, Any] | None = None,
         *,
         zero_init_last: bool = False,
         block: type[nn.Module] = MixerBottleneck,
         block_args: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if mixer not in MIXERS:
-            raise ValueError(f"mixer must be one of {MIXERS}, got {mixer!r}")
-        mixer_kwargs = dict(mixer_kwargs or {})
-        self.keep_shift_init = bool(mixer_kwargs.pop("shift_init", False))
-        mixer_kwargs["shift_init"] = self.keep_shift_init
-        block_args = dict(block_args or {}, mixer=mixer, mixer_kwargs=mixer_kwargs)
-        self.mixer = mixer
+        if attn_layer not in MIXERS:
+            raise ValueError(f"attn_layer must be one of {MIXERS}, got {attn_layer!r}")
+        acmix_kwargs = dict(acmix_kwargs or {})
+        self.keep_shift_init = bool(acmix_kwargs.pop("shift_init", False))
+        acmix_kwargs["shift_init"] = self.keep_shift_init
+        block_args = dict(block_args or {}, mixer=attn_layer, mixer_kwargs=acmix_kwargs)
+        self.attn_layer = attn_layer
         super().__init__(
             block=block,  # type: ignore[arg-type]
             layers=tuple(layers),
@@ -195,34 +196,34 @@ _DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 @register_acmix_model
 def acmix_resnet26(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ACmix-ResNet-26 (depths [1, 2, 4, 1]); paper: 10.6 M params, 2.3 GMACs, 76.1 % top-1."""
-    return _create("acmix_resnet26", pretrained, **dict(dict(layers=_DEPTHS[26], mixer="acmix"), **kwargs))
+    return _create("acmix_resnet26", pretrained, **dict(dict(layers=_DEPTHS[26], attn_layer="acmix"), **kwargs))
 
 
 @register_acmix_model
 def acmix_resnet38(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ACmix-ResNet-38 (depths [2, 3, 5, 2]); paper: 14.6 M params, 2.9 GMACs, 77.4 % top-1."""
-    return _create("acmix_resnet38", pretrained, **dict(dict(layers=_DEPTHS[38], mixer="acmix"), **kwargs))
+    return _create("acmix_resnet38", pretrained, **dict(dict(layers=_DEPTHS[38], attn_layer="acmix"), **kwargs))
 
 
 @register_acmix_model
 def acmix_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ACmix-ResNet-50 (depths [3, 4, 6, 3]); paper: 18.6 M params, 3.6 GMACs, 77.8 % top-1."""
-    return _create("acmix_resnet50", pretrained, **dict(dict(layers=_DEPTHS[50], mixer="acmix"), **kwargs))
+    return _create("acmix_resnet50", pretrained, **dict(dict(layers=_DEPTHS[50], attn_layer="acmix"), **kwargs))
 
 
 @register_acmix_model
 def resnet26_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-26 baseline (depths [1, 2, 4, 1], 3 x 3 conv); SAN README: 13.7 M, 2.4 GMACs, 73.6 % top-1."""
-    return _create("resnet26_san", pretrained, **dict(dict(layers=_DEPTHS[26], mixer="conv"), **kwargs))
+    return _create("resnet26_san", pretrained, **dict(dict(layers=_DEPTHS[26], attn_layer="conv"), **kwargs))
 
 
 @register_acmix_model
 def resnet38_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-38 baseline (depths [2, 3, 5, 2], 3 x 3 conv); SAN README: 19.6 M, 3.2 GMACs, 76.0 % top-1."""
-    return _create("resnet38_san", pretrained, **dict(dict(layers=_DEPTHS[38], mixer="conv"), **kwargs))
+    return _create("resnet38_san", pretrained, **dict(dict(layers=_DEPTHS[38], attn_layer="conv"), **kwargs))
 
 
 @register_acmix_model
 def resnet50_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
     """ResNet-50 baseline (depths [3, 4, 6, 3], 3 x 3 conv), timm's resnet50 architecture; 25.6 M, 4.1 GMACs."""
-    return _create("resnet50_san", pretrained, **dict(dict(layers=_DEPTHS[50], mixer="conv"), **kwargs))
+    return _create("resnet50_san", pretrained, **dict(dict(layers=_DEPTHS[50], attn_layer="conv"), **kwargs))

@@ -51,7 +51,7 @@ class SanBlock(nn.Module):
         sa_type: ``"patchwise"`` or ``"pairwise"``.
         share_planes: channels sharing one attention weight (8).
         rel_ratio, mid_ratio: q/k width dim / rel_ratio (16), v width dim / mid_ratio (4).
-        conv_kernel_size: ACmix conv-path kernel (ACmix only).
+        acmix_kwargs: keyword arguments for :class:`acmix.layers.ACmixSanAttention` (ACmix only).
         drop_path: stochastic-depth rate of the residual branch.
 
     Shape:
@@ -68,7 +68,7 @@ class SanBlock(nn.Module):
         share_planes: int = 8,
         rel_ratio: int = 16,
         mid_ratio: int = 4,
-        conv_kernel_size: int = 3,
+        acmix_kwargs: dict[str, Any] | None = None,
         drop_path: float = 0.0,
     ) -> None:
         super().__init__()
@@ -76,7 +76,7 @@ class SanBlock(nn.Module):
             raise ValueError(f"attn_layer must be one of {tuple(SAN_ATTN_LAYERS)}, got {attn_layer!r}")
         mid = dim // mid_ratio
         self.bn1 = nn.BatchNorm2d(dim)
-        extra: dict[str, Any] = dict(conv_kernel_size=conv_kernel_size) if attn_layer == "acmix" else {}
+        extra: dict[str, Any] = dict(acmix_kwargs or {}) if attn_layer == "acmix" else {}
         self.attn = SAN_ATTN_LAYERS[attn_layer](
             dim, dim // rel_ratio, mid, share_planes=share_planes, kernel_size=kernel_size, sa_type=sa_type, **extra
         )
@@ -136,7 +136,8 @@ class SAN(OfficialWeightsMixin, nn.Module):
             ACmix-SAN uses ``ACMIX_SAN_STAGES`` (ACmix in the 7 x 7 stages, docs/deviations.md "SAN").
         sa_type: ``"patchwise"`` or ``"pairwise"``.
         share_planes, rel_ratio, mid_ratio: SAN block widths (8, 16, 4).
-        conv_kernel_size: ACmix conv-path kernel k_c (3).
+        acmix_kwargs: keyword arguments for every :class:`acmix.layers.ACmixSanAttention` (``conv_kernel_size``,
+            ``mix``, ``shift_mode``...).
         drop_rate: dropout before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over all blocks.
 
@@ -157,7 +158,7 @@ class SAN(OfficialWeightsMixin, nn.Module):
         share_planes: int = 8,
         rel_ratio: int = 16,
         mid_ratio: int = 4,
-        conv_kernel_size: int = 3,
+        acmix_kwargs: dict[str, Any] | None = None,
         drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
     ) -> None:
@@ -193,7 +194,7 @@ class SAN(OfficialWeightsMixin, nn.Module):
                     share_planes=share_planes,
                     rel_ratio=rel_ratio,
                     mid_ratio=mid_ratio,
-                    conv_kernel_size=conv_kernel_size,
+                    acmix_kwargs=acmix_kwargs,
                 )
             )
             self.feature_info.append(dict(num_chs=width, reduction=2 ** (i + 1), module=f"stages.{i}"))

@@ -3,8 +3,8 @@
 Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022 (arXiv 2111.14556); follows the
 released ``Swin-Transformer/models/swin_transformer_acmix.py`` of LeapLabTHU/ACmix (paper.md 2.3), written anew on
 timm's :class:`~timm.models.swin_transformer.SwinTransformer` (Liu et al., ICCV 2021). Every block's attention is
-swapped for :class:`acmix.layers.AcmixWindowAttention`; with ``acmix=False`` the model is timm's Swin unchanged, so
-the baselines are timm's own ``swin_tiny_patch4_window7_224`` / ``swin_small_patch4_window7_224``.
+swapped for :class:`acmix.layers.ACmixWindowAttention`; with ``attn_layer="window"`` the model is timm's Swin
+unchanged, so the baselines are timm's own ``swin_tiny_patch4_window7_224`` / ``swin_small_patch4_window7_224``.
 
 Official ``SwinTransformer_acmix`` checkpoints (whole training states with a yacs ``CfgNode``) load through
 :func:`checkpoint_filter_fn` and timm's standard path::
@@ -26,20 +26,23 @@ from timm.models import generate_default_cfgs
 from timm.models.swin_transformer import SwinTransformer as _TimmSwin
 from timm.models.swin_transformer import checkpoint_filter_fn as _timm_swin_filter
 
-from ..layers import AcmixSwinBlock, AcmixWindowAttention
+from ..layers import ACmixSwinBlock, ACmixWindowAttention
 from ._loading import OfficialWeightsMixin, build_acmix_model, register_checkpoint_filter
 from ._registry_check import acmix_cfg, register_acmix_model
 
-__all__ = ["SwinTransformer", "checkpoint_filter_fn"]
+__all__ = ["SWIN_ATTN_LAYERS", "SwinTransformer", "checkpoint_filter_fn"]
+
+#: the attention of every block: timm's window attention, or the same with the ACmix convolution path
+SWIN_ATTN_LAYERS = ("window", "acmix")
 
 
 class SwinTransformer(OfficialWeightsMixin, _TimmSwin):
-    """timm's Swin Transformer with (or, ``acmix=False``, without) the ACmix convolution path in every block.
+    """timm's Swin Transformer with (or, ``attn_layer="window"``, without) the ACmix convolution path in every block.
 
     Args:
         *args: :class:`timm.models.swin_transformer.SwinTransformer` positional arguments.
-        acmix: put ACmix into every block (False: timm's Swin exactly).
-        acmix_kwargs: keyword arguments for :class:`acmix.layers.AcmixWindowAttention` (``mix``, ``shift_init``,
+        attn_layer: ``"acmix"`` (ACmix in every block) or ``"window"`` (timm's Swin exactly).
+        acmix_kwargs: keyword arguments for :class:`acmix.layers.ACmixWindowAttention` (``mix``, ``shift_init``,
             ``fc_bias``, ``alpha_init``, ``beta_init``, ``conv_impl``...).
         **kwargs: :class:`timm.models.swin_transformer.SwinTransformer` arguments (``img_size``, ``depths``,
             ``num_heads``, ``drop_path_rate``, ``strict_img_size``...).
@@ -50,15 +53,17 @@ class SwinTransformer(OfficialWeightsMixin, _TimmSwin):
     """
 
     def __init__(
-        self, *args: Any, acmix: bool = True, acmix_kwargs: dict[str, Any] | None = None, **kwargs: Any
+        self, *args: Any, attn_layer: str = "acmix", acmix_kwargs: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
+        if attn_layer not in SWIN_ATTN_LAYERS:
+            raise ValueError(f"attn_layer must be one of {SWIN_ATTN_LAYERS}, got {attn_layer!r}")
         super().__init__(*args, **kwargs)
-        self.acmix = acmix
-        if acmix:
+        self.attn_layer = attn_layer
+        if attn_layer == "acmix":
             for stage in self.layers:
                 assert isinstance(stage.blocks, nn.Sequential)
                 stage.blocks = nn.Sequential(
-                    *[AcmixSwinBlock.from_block(block, **(acmix_kwargs or {})) for block in stage.blocks]  # type: ignore[arg-type]
+                    *[ACmixSwinBlock.from_block(block, **(acmix_kwargs or {})) for block in stage.blocks]  # type: ignore[arg-type]
                 )
 
     @torch.jit.ignore
@@ -66,7 +71,7 @@ class SwinTransformer(OfficialWeightsMixin, _TimmSwin):
         """timm's (relative position bias tables) plus ACmix's alpha and beta (1-D, excluded in the official recipe)."""
         nwd = set(super().no_weight_decay())
         for name, module in self.named_modules():
-            if isinstance(module, AcmixWindowAttention):
+            if isinstance(module, ACmixWindowAttention):
                 nwd.update(f"{name}.{p}" for p, _ in module.named_parameters(recurse=False) if p in ("alpha", "beta"))
         return nwd
 

@@ -1,22 +1,21 @@
 """Backend registries and selection for the local ops (NATTEN-style dispatch).
 
-Two ops have swappable implementations: the local attention of the ACmix attention path and SAN's patchwise
-aggregation. Each has a :class:`Registry` of :class:`Backend` entries: a function with the op's signature plus a
-predicate ``can_run(x) -> (ok, reason)`` and a priority. Selection order: the explicit ``backend=`` argument, then the
-op's environment variable (``ACMIX_BACKEND`` for attention, ``ACMIX_AGGREGATE_BACKEND`` for aggregation), then the
-runnable backend of highest priority. Every choice, and every skipped backend with its reason, is logged at DEBUG.
+Two ops have swappable backends: the local attention of the ACmix attention path and SAN's patchwise aggregation.
+Each has a :class:`Registry` of :class:`Backend` entries: a function with the op's signature plus a predicate
+``can_run(x) -> (ok, reason)`` and a priority. Selection order: the explicit ``backend=`` argument, then what
+:mod:`acmix.ops.context` says (``use_backend`` block, ``set_backend`` default, environment), then the runnable backend
+of highest priority. Every choice, and every skipped backend with its reason, is logged at DEBUG.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .._env import env_backend
+from .context import current_backend
 
 _logger = logging.getLogger(__name__)
 
@@ -45,9 +44,9 @@ def _debug(msg: str, *args: object) -> None:
 class Registry:
     """Named backends of one op, best (highest priority) first."""
 
-    def __init__(self, op: str, env_reader: Callable[[], str | None]) -> None:
+    def __init__(self, op: str, key: str) -> None:
         self.op = op
-        self._env_reader = env_reader
+        self.key = key  # the op's name in acmix.ops.context
         self._backends: dict[str, Backend] = {}
 
     def register(self, backend: Backend) -> None:
@@ -68,11 +67,11 @@ class Registry:
         return [(name, *self._backends[name].can_run(x)) for name in self.names()]
 
     def choose(self, x: torch.Tensor, backend: str | None = None) -> Backend:
-        """The argument, then the environment variable, then the best runnable backend for ``x``.
+        """The argument, then :func:`acmix.ops.context.current_backend`, then the best runnable backend for ``x``.
 
         Logging is skipped while ``torch.compile`` traces, so the choice does not break the graph.
         """
-        requested = backend if backend is not None else self._env_reader()
+        requested = backend if backend is not None else current_backend(self.key)
         if requested is not None and requested != "auto":
             chosen = self.get(requested)
             ok, reason = chosen.can_run(x)
@@ -92,13 +91,8 @@ class Registry:
         raise RuntimeError(f"no {self.op} backend can run; set ACMIX_LOG_LEVEL=DEBUG to see why")  # unreachable
 
 
-def _env_aggregate_backend() -> str | None:
-    value = os.environ.get("ACMIX_AGGREGATE_BACKEND", "").strip()
-    return value or None
-
-
-ATTENTION = Registry("local attention", env_backend)
-AGGREGATE = Registry("local aggregation", _env_aggregate_backend)
+ATTENTION = Registry("local attention", "attention")
+AGGREGATE = Registry("local aggregation", "aggregate")
 
 
 def register_backend(backend: Backend) -> None:
@@ -122,12 +116,12 @@ def backend_status(q: torch.Tensor | None = None) -> list[tuple[str, bool, str]]
 
 
 def choose_backend(q: torch.Tensor, backend: str | None = None) -> Backend:
-    """Pick the local-attention backend for ``q``: argument, then ``ACMIX_BACKEND``, then the best runnable one."""
+    """Pick the local-attention backend for ``q``: argument, then context/default/environment, then the best one."""
     return ATTENTION.choose(q, backend)
 
 
 def choose_aggregate_backend(x: torch.Tensor, backend: str | None = None) -> Backend:
-    """Pick the aggregation backend for ``x``: argument, then ``ACMIX_AGGREGATE_BACKEND``, then the best one."""
+    """Pick the aggregation backend for ``x``: argument, then context/default/environment, then the best one."""
     return AGGREGATE.choose(x, backend)
 
 

@@ -71,26 +71,22 @@ def shift_kernels(
 
 
 def conv_path_features(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    num_heads: int,
-    fc_weight: torch.Tensor,
-    fc_bias: torch.Tensor | None,
+    maps: torch.Tensor, head_dim: int, fc_weight: torch.Tensor, fc_bias: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Stage II conv path, the light FC (Fig. 2): 3N head maps -> k_c^2 maps, shared over head_dim and pixels.
+    """Stage II conv path, the light FC (Fig. 2): M head maps -> k_c^2 maps, shared over head_dim and pixels.
 
     Shape:
-        q, k, v: (B, C, H, W), channels head-major (c = head * head_dim + d); fc_weight: (k_c^2, 3N[, 1, 1]);
-        returns (B, head_dim * k_c^2, H, W) with channel d * k_c^2 + i (the official ordering).
+        maps (B, M * head_dim, H, W), channel m * head_dim + d (for ACmix ``cat([q, k, v], 1)`` with head-major
+        q, k, v, so m = t * N + j); fc_weight (k_c^2, M[, 1, 1]); returns (B, head_dim * k_c^2, H, W) with channel
+        d * k_c^2 + i (the official ordering).
     """
-    b, c, h, w = q.shape
-    hd = c // num_heads
-    stacked = torch.cat([t.reshape(b, num_heads, hd, h * w) for t in (q, k, v)], 1)  # (B, 3N, D, HW), m = t*N + j
-    f = torch.einsum("im,bmdx->bidx", fc_weight.reshape(fc_weight.shape[0], -1).to(q.dtype), stacked)  # (B, k2, D, HW)
+    b, c, h, w = maps.shape
+    m = c // head_dim
+    fc = fc_weight.reshape(fc_weight.shape[0], -1).to(maps.dtype)  # (k2, M)
+    f = torch.einsum("im,bmdx->bidx", fc, maps.reshape(b, m, head_dim, h * w))  # (B, k2, D, HW)
     if fc_bias is not None:
-        f = f + fc_bias.to(q.dtype).reshape(1, -1, 1, 1)
-    return f.permute(0, 2, 1, 3).reshape(b, -1, h, w)  # (B, D*k2, H, W)
+        f = f + fc_bias.to(maps.dtype).reshape(1, -1, 1, 1)
+    return f.permute(0, 2, 1, 3).reshape(b, -1, h, w)  # (B, D * k2, H, W)
 
 
 def conv_path_reference(
@@ -112,13 +108,14 @@ def conv_path_reference(
     Shape: q, k, v: (B, C, H, W) -> (B, C, ceil(H / stride), ceil(W / stride)).
     """
     hd = q.shape[1] // num_heads
-    f = conv_path_features(q, k, v, num_heads, fc_weight, fc_bias)  # (B, D*k2, H, W)
+    f = conv_path_features(torch.cat([q, k, v], 1), hd, fc_weight, fc_bias)  # (B, D*k2, H, W)
     kc = group_weight.shape[-1]
     return F.conv2d(f, group_weight.to(f.dtype), None, stride=stride, padding=kc // 2, groups=hd)
 
 
-def shift_sum_reference(f: torch.Tensor, kernel_size: int, num_heads: int, stride: int = 1) -> torch.Tensor:
-    """Fig. 3 (a): literal tensor shifts. f (B, D*k2, H, W) -> (B, D*N, Ho, Wo), each sum copied to its N outputs.
+def shift_sum_reference(f: torch.Tensor, kernel_size: int, copies: int, stride: int = 1) -> torch.Tensor:
+    """Fig. 3 (a): literal tensor shifts. f (B, D*k2, H, W) -> (B, D*copies, Ho, Wo), each sum copied ``copies`` times
+    (the N heads of a group in ACmix).
 
     Map i of group d is shifted so that output (y, x) reads input (y + dy_i, x + dx_i), dy_i = i // k - k // 2,
     dx_i = i % k - k // 2, with zeros outside the map; the k2 shifted maps are summed (Eq. (4)).
@@ -133,4 +130,4 @@ def shift_sum_reference(f: torch.Tensor, kernel_size: int, num_heads: int, strid
         dy, dx = i // kernel_size, i % kernel_size
         out = out + fp[:, :, i, dy : dy + h, dx : dx + w]
     out = out[..., ::stride, ::stride]  # (B, D, Ho, Wo)
-    return out.repeat_interleave(num_heads, dim=1)  # (B, D*N, Ho, Wo): channel d * N + j
+    return out.repeat_interleave(copies, dim=1)  # (B, D*copies, Ho, Wo): channel d * copies + j
