@@ -14,9 +14,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..ops import local_attention
 from ..ops._checks import check_odd_kernel, check_stride
+from ..ops.conv_path import group_order
 from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
 
@@ -95,8 +97,12 @@ class ACmix(ConvPathMixin, nn.Module):
         self.attn_kernel_size = attn_kernel_size
         self.backend = backend
 
-        # Stage I: the three 1 x 1 projections, fused into one conv (channels [q | k | v]).
+        # Stage I: the three 1 x 1 projections, fused into one conv (parameters in the order [q | k | v]).
         self.qkv = nn.Conv2d(dim, 3 * dim_out, 1, bias=qkv_bias)
+        # the projection runs with its rows in the conv path's group order (channel d * 3N + t * N + j): the fused
+        # grouped conv reads its output as it is, and q, k, v are strided views of it (no copies)
+        self.qkv_order: torch.Tensor
+        self.register_buffer("qkv_order", group_order(3 * num_heads, self.head_dim), persistent=False)
         # official relative position term: conv_p on a 2-channel coordinate map
         self.pos_proj = nn.Conv2d(2, self.head_dim, 1) if use_rel_pos else None
         # Stage II conv path: light FC 3N -> k_c^2 (Fig. 2), then the shift as a group conv (Fig. 3); alpha, beta
@@ -151,30 +157,42 @@ class ACmix(ConvPathMixin, nn.Module):
             raise ValueError(f"ACmix input is on {x.device} but the layer's parameters are on {self.qkv.weight.device}")
 
     def attention_path(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) x 3 -> (B, C, Ho, Wo), channel head * head_dim + d."""
+        """(B, C, H, W) x 3, channels head-major (head * head_dim + d) -> (B, C, Ho, Wo), the same order."""
         b, c, h, w = q.shape
         n, d = self.num_heads, self.head_dim
-        out = local_attention(
-            q.reshape(b, n, d, h, w),
-            k.reshape(b, n, d, h, w),
-            v.reshape(b, n, d, h, w),
-            kernel_size=self.attn_kernel_size,
-            stride=self.stride,
-            rel_pos=self.rel_pos(h, w, q),
-            backend=self.backend,
-        )  # (B, N, D, Ho, Wo)
-        return out.reshape(b, c, out.shape[-2], out.shape[-1])
+        return self.attention_heads(q.reshape(b, n, d, h, w), k.reshape(b, n, d, h, w), v.reshape(b, n, d, h, w))
 
     def convolution_path(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) x 3 -> (B, C, Ho, Wo), channel d * N + j (the official group-major order)."""
         return self.convolution_maps(torch.cat([q, k, v], 1), self.stride)
 
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage I in the conv path's group order: (B, dim, H, W) -> (B, 3C, H, W), channel d * 3N + t * N + j
+        (t in q, k, v; j the head; d < head_dim). :meth:`split_heads` views q, k, v in it."""
+        order = self.qkv_order
+        bias = None if self.qkv.bias is None else self.qkv.bias[order]
+        return F.conv2d(x, self.qkv.weight[order], bias)
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v (B, N, D, H, W) as strided views of the group-ordered projection (B, 3C, H, W)."""
+        b, _, h, w = qkv.shape
+        g = qkv.view(b, self.head_dim, 3, self.num_heads, h, w)  # (B, D, 3, N, H, W)
+        q, k, v = (g[:, :, t].transpose(1, 2) for t in range(3))  # (B, N, D, H, W) each
+        return q, k, v
+
+    def attention_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Local attention on (B, N, D, H, W) heads -> (B, C, Ho, Wo), channel head * head_dim + d."""
+        b, n, d, h, w = q.shape
+        out = local_attention(
+            q, k, v, self.attn_kernel_size, self.stride, self.rel_pos(h, w, q), backend=self.backend
+        )  # (B, N, D, Ho, Wo)
+        return out.reshape(b, n * d, out.shape[-2], out.shape[-1])
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        qkv = self.qkv(x)  # Stage I: (B, 3C, H, W), channels [q | k | v], head-major within each
-        q, k, v = qkv.chunk(3, dim=1)  # (B, C, H, W) each
-        att = self.attention_path(q, k, v) if self.uses_attention else None
-        conv = self.convolution_maps(qkv, self.stride) if self.uses_convolution else None
+        qkv = self.project(x)  # Stage I: (B, 3C, H, W) in group order
+        att = self.attention_heads(*self.split_heads(qkv)) if self.uses_attention else None
+        conv = self.convolution_maps(qkv, self.stride, order="groups") if self.uses_convolution else None
         return self.mix_paths(att, conv)  # Fig. 2 (c): alpha * att + beta * conv
 
     # ------------------------------------------------------------------ official checkpoint compatibility

@@ -173,19 +173,25 @@ class ConvPathMixin:
             return self.get_buffer("shift_buffer").expand(self.conv_dim_out, -1, -1, -1)  # type: ignore[attr-defined]
         return None
 
-    def convolution_maps(self, maps: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    def convolution_maps(self, maps: torch.Tensor, stride: int = 1, order: str = "maps") -> torch.Tensor:
         """The convolution path on the host's stacked head maps.
 
         Shape:
-            maps (B, M * head_dim, H, W), channel m * head_dim + d -> (B, C_out, ceil(H / stride), ceil(W / stride)),
-            channel d * (C_out / head_dim) + j (the official group-major order).
+            maps (B, M * head_dim, H, W), channel m * head_dim + d (``order="maps"``) or d * M + m
+            (``order="groups"``) -> (B, C_out, ceil(H / stride), ceil(W / stride)), channel d * (C_out / head_dim) + j
+            (the official group-major order).
         """
         fc_w = self.fc.weight.reshape(self.fc.weight.shape[0], -1)  # (k2, M)
         gw = self.group_weight()
         if gw is None:  # Fig. 3 (a): literal tensor shifts of the FC maps
+            if order == "groups":
+                b, c, h, w = maps.shape
+                maps = maps.reshape(b, self.conv_head_dim, -1, h, w).transpose(1, 2).reshape(b, c, h, w)
             f = conv_path_features(maps, self.conv_head_dim, fc_w, self.fc.bias)  # (B, D * k2, H, W)
             return shift_sum_reference(f, self.conv_kernel_size, self.conv_dim_out // self.conv_head_dim, stride)
-        return conv_path_maps(maps, self.conv_head_dim, fc_w, gw, self.fc.bias, stride, impl=self.conv_impl)
+        return conv_path_maps(
+            maps, self.conv_head_dim, fc_w, gw, self.fc.bias, stride, impl=self.conv_impl, order=order
+        )
 
     def mix_paths(self, att: torch.Tensor | None, conv: torch.Tensor | None) -> torch.Tensor:
         """``alpha * att + beta * conv`` (Fig. 2 (c)); with ``mix="attn"``/``"conv"`` the one path that is used."""

@@ -31,7 +31,7 @@ from . import _checks
 from ._reference import conv_path_features
 from .context import current_backend
 
-__all__ = ["cell_upsample", "compose_weight", "conv_path", "conv_path_maps", "resolve_conv_impl"]
+__all__ = ["cell_upsample", "compose_weight", "conv_path", "conv_path_maps", "group_order", "resolve_conv_impl"]
 
 
 #: fused runs while its multiply-adds are at most this multiple of the FC + group conv's (measured, module docstring)
@@ -49,6 +49,14 @@ def resolve_conv_impl(impl: str | None, num_maps: int, head_dim: int, dim_out: i
     k2 = kernel_size * kernel_size
     fused, reference = dim_out * num_maps * k2, k2 * num_maps * head_dim + dim_out * k2 * k2
     return "fused" if fused <= FUSED_MAC_RATIO * reference else "reference"
+
+
+def group_order(num_maps: int, head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Channel permutation (M * head_dim,) from the head-map order ``m * head_dim + d`` to the group order
+    ``d * M + m``: ``maps[:, group_order(M, D)]`` is ``maps`` in group order. Permuting the rows of a projection's
+    weight by it makes the projection emit the group order directly.
+    """
+    return torch.arange(num_maps * head_dim, device=device).reshape(num_maps, head_dim).t().reshape(-1)
 
 
 def compose_weight(fc_weight: torch.Tensor, group_weight: torch.Tensor) -> torch.Tensor:
@@ -99,12 +107,15 @@ def conv_path_maps(
     fc_bias: torch.Tensor | None = None,
     stride: int = 1,
     impl: str | None = None,
+    order: str = "maps",
 ) -> torch.Tensor:
     """ACmix convolution path over M stacked head maps of width ``head_dim`` (Fig. 2 bottom, Fig. 3 c-III).
 
     Args:
         maps: the Stage I features as head maps, channel ``m * head_dim + d`` (for ACmix: ``cat([q, k, v], 1)``
-            with head-major q, k, v, so ``m = t * N + j``).
+            with head-major q, k, v, so ``m = t * N + j``); with ``order="groups"`` channel ``d * M + m`` instead,
+            the order the fused grouped convolution consumes (a host whose projection emits that order, see
+            :func:`group_order`, saves the fused path its channel permutation copy).
         head_dim: channels per head map; the group convolution has ``head_dim`` groups.
         fc_weight: (k_c^2, M) or (k_c^2, M, 1, 1): the light FC, shared over head_dim and pixels.
         group_weight: (C_out, k_c^2, k_c, k_c): output channel ``d * (C_out / head_dim) + j``.
@@ -112,20 +123,27 @@ def conv_path_maps(
         stride: stride of the group convolution (zero padding k_c // 2).
         impl: ``"fused"``, ``"reference"`` or ``"auto"``/``None`` (see the module docstring and
             :func:`acmix.ops.use_backend`).
+        order: ``"maps"`` (channel m * head_dim + d) or ``"groups"`` (channel d * M + m).
 
     Shape:
-        maps (B, M * head_dim, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride)).
+        maps (B, M * head_dim, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride)); any memory format.
     """
     _check_maps(maps, head_dim, fc_weight, group_weight, stride)
+    if order not in ("maps", "groups"):
+        raise ValueError(f"order must be 'maps' or 'groups', got {order!r}")
     b, c, h, w = maps.shape
     m, kc, c_out = c // head_dim, group_weight.shape[-1], group_weight.shape[0]
     impl = resolve_conv_impl(impl, m, head_dim, c_out, kc)
     gw = group_weight.to(maps.dtype)
     if impl == "reference":
+        if order == "groups":
+            maps = maps.reshape(b, head_dim, m, h, w).transpose(1, 2).reshape(b, c, h, w)  # channel m * D + d
         f = conv_path_features(maps, head_dim, fc_weight, fc_bias)  # (B, D * k2, H, W)
         return F.conv2d(f, gw, None, stride=stride, padding=kc // 2, groups=head_dim)
     weight = compose_weight(fc_weight, gw)  # (C_out, M, kc, kc)
-    x = maps.reshape(b, m, head_dim, h, w).transpose(1, 2).reshape(b, head_dim * m, h, w)  # channel d * M + m
+    x = maps
+    if order == "maps":
+        x = maps.reshape(b, m, head_dim, h, w).transpose(1, 2).reshape(b, head_dim * m, h, w)  # channel d * M + m
     out = F.conv2d(x, weight, None, stride=stride, padding=kc // 2, groups=head_dim)
     if fc_bias is not None:
         out = out + _bias_map(gw, fc_bias, h, w, stride, out)
