@@ -172,7 +172,13 @@ def _common_args(q: torch.Tensor, kernel_size: int, stride: int) -> dict[str, An
 
 
 def _forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor | None, kernel_size: int, stride: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pos: torch.Tensor | None,
+    kernel_size: int,
+    stride: int,
+    scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, n, d, h, w = q.shape
     ho, wo = -(-h // stride), -(-w // stride)
