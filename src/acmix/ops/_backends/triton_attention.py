@@ -81,6 +81,8 @@ def can_run_on(x: torch.Tensor) -> tuple[bool, str]:
         return False, f"triton needs a CUDA tensor, got a {x.device.type} tensor"
     if x.dtype not in TRITON_DTYPES:
         return False, f"triton supports float32/float16/bfloat16, got {x.dtype}"
+    if x.device.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False, "triton bfloat16 needs a GPU of compute capability >= 8.0 (Ampere or newer)"
     return True, ""
 
 
