@@ -274,3 +274,33 @@ def test_aggregate_compiles_without_graph_break(fresh_seed):
     torch.testing.assert_close(got, f(x, wt))
     got.backward()
     assert x.grad is not None and wt.grad is not None
+
+
+# ------------------------------------------------------------------------------------------------- layer memory
+def _large_saved_storages(fn, x: torch.Tensor, min_bytes: int) -> list[int]:
+    """Sizes of the distinct storages of at least ``min_bytes`` that autograd saves for backward (input excluded)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr, size = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+        if ptr != x.untyped_storage().data_ptr() and size >= min_bytes:
+            seen[ptr] = size
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sorted(seen.values())
+
+
+def test_grouped_route_saves_the_qkv_map_once(fresh_seed):
+    """With the triton backend on strided views, the conv path and the attention share one saved 3C-channel map;
+    ACmix.forward today saves two (the projection's q/k/v for attention and the grouped copy for the conv)."""
+    from _grouped_route import grouped_layer_forward
+
+    layer = ACmix(16, 32, num_heads=2, backend="triton").to(DEVICE)
+    x = torch.randn(2, 16, 6, 7, device=DEVICE, requires_grad=True)
+    qkv_bytes = 2 * 3 * 32 * 6 * 7 * 4
+    grouped = _large_saved_storages(lambda t: grouped_layer_forward(layer, t, backend="triton"), x, qkv_bytes)
+    layered = _large_saved_storages(layer, x, qkv_bytes)
+    assert grouped == [qkv_bytes]
+    assert layered == [qkv_bytes, qkv_bytes]

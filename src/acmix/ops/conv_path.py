@@ -4,6 +4,11 @@ Two implementations with identical results: ``"reference"`` (FC, permute, group 
 operations) and ``"fused"`` (the FC and the group conv are both linear, so they compose into a single
 k_c x k_c grouped convolution from the 3C stacked q/k/v channels, paper.md section 8; the composed weight is
 rebuilt every call so training stays exact).
+
+The fused path needs the 3C channels in grouped order (``d * 3N + t * N + j``). :func:`conv_path` copies q, k, v
+into that order; a layer can skip the copy by permuting its projection weight with :func:`grouped_qkv_order` and
+feeding the one grouped map to :func:`conv_path_grouped` and, as strided views (:func:`split_grouped_qkv`), to
+the attention path: no layout copy, and autograd saves the 3C map once for both paths.
 """
 
 from __future__ import annotations
@@ -15,6 +20,15 @@ from . import _checks
 from ._reference import conv_path_reference
 
 CONV_PATH_IMPLS = ("fused", "reference")
+
+__all__ = [
+    "CONV_PATH_IMPLS",
+    "compose_weight",
+    "conv_path",
+    "conv_path_grouped",
+    "grouped_qkv_order",
+    "split_grouped_qkv",
+]
 
 
 def compose_weight(fc_weight: torch.Tensor, group_weight: torch.Tensor) -> torch.Tensor:
@@ -48,6 +62,36 @@ def conv_path_grouped(
         ones = torch.ones(1, 1, h, w, dtype=x.dtype, device=x.device)
         out = out + F.conv2d(ones.expand(1, c, h, w), wb, None, stride=stride, padding=kc // 2, groups=c)
     return out
+
+
+def grouped_qkv_order(num_heads: int, head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Channel permutation (3C,) from the projection order [q | k | v] to the grouped order of the fused conv path.
+
+    ``x_grouped = x[:, perm]`` where ``x`` is (B, 3C, H, W) with channel ``t * C + j * D + d`` (t in q, k, v; j the
+    head; d in head_dim) and ``x_grouped`` has channel ``d * 3N + t * N + j``, the order
+    :func:`conv_path_grouped` wants. Applied to the *weight* of the 1 x 1 projection (``weight[perm]``,
+    ``bias[perm]``: 3C x C_in numbers), the projection writes the grouped order directly, so the conv path needs no
+    layout copy of the 3C-channel map.
+    """
+    c = num_heads * head_dim
+    d = torch.arange(head_dim, device=device).view(head_dim, 1, 1)
+    t = torch.arange(3, device=device).view(1, 3, 1)
+    j = torch.arange(num_heads, device=device).view(1, 1, num_heads)
+    return (t * c + j * head_dim + d).reshape(-1)  # index d * 3N + t * N + j holds t * C + j * D + d
+
+
+def split_grouped_qkv(x: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of the attention path as strided *views* of the grouped-order projection (no copy).
+
+    Shape: x (B, 3C, H, W), channel ``d * 3N + t * N + j`` -> three (B, N, D, H, W) views. The ``triton``
+    local-attention backend reads them in place; with :func:`conv_path_grouped` reading ``x`` itself, autograd
+    keeps one 3C-channel map for both paths.
+    """
+    b, c3, h, w = x.shape
+    head_dim = c3 // (3 * num_heads)
+    parts = x.view(b, head_dim, 3, num_heads, h, w).unbind(2)  # each (B, D, N, H, W)
+    q, k, v = (p.transpose(1, 2) for p in parts)  # (B, N, D, H, W)
+    return q, k, v
 
 
 def _conv_path_fused(
