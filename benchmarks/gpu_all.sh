@@ -60,7 +60,7 @@ if [ "$rc" -ne 0 ]; then
 fi
 
 echo "== 2. op timings  [$(left) s left]"
-timeout 120 python3 benchmarks/gpu_check.py "${CHECK_ARGS[@]}" --skip-correctness --budget 100 --json "$OUT/gpu_ops_$TAG.json" \
+timeout 130 python3 benchmarks/gpu_check.py "${CHECK_ARGS[@]}" --skip-correctness --budget 110 --json "$OUT/gpu_ops_$TAG.json" \
   --csv "$OUT/gpu_ops_$TAG.csv" --plot "$OUT/gpu_ops_$TAG.png" 2>&1 | tail -70 | tee "$OUT/gpu_ops_$TAG.txt"
 
 echo "== 3. model table  [$(left) s left]"

@@ -7,8 +7,8 @@
    channels_last views of one projection). A failure prints ``CORRECTNESS FAILED`` with every failing check and
    exits 1 before anything is timed.
 2. The issue-12 op target: attention forward + backward at B = 64, C = 64, 56 x 56 (4 heads, k = 7), ``triton``
-   against ``tiled``, bfloat16 and float32 (target: triton / tiled <= 0.3); SAN aggregation ``triton`` against
-   ``offset`` at two SAN-10 shapes.
+   against ``tiled``, bfloat16 and float32 (target: triton / tiled <= 0.3); the triton tile sizes swept at that
+   shape (stride 1 and 2); SAN aggregation ``triton`` against ``offset`` at two SAN-10 shapes.
 3. ``acmix bench op`` on the ResNet shapes (B = 8; float32, then bfloat16 for the attention op only), every
    runnable backend including ``triton``.
 
@@ -53,8 +53,11 @@ QUICK_ATTENTION_CASES = [((1, 2, 16, 9, 7), 7, 1, "nchw"), ((1, 1, 16, 5, 6), 3,
 #: (B, C, H, W), Wc, k, stride, channels_last
 AGGREGATE_CASES = [((2, 32, 28, 27), 4, 7, 2, False), ((2, 16, 9, 11), 2, 7, 1, True), ((1, 8, 1, 1), 8, 7, 1, False)]
 QUICK_AGGREGATE_CASES = [((1, 4, 5, 6), 2, 3, 1, False)]
-#: compiled backends recompile per shape and dtype: fewer combinations keep them inside the budget
-COMPILED = {"flex"}
+#: every backend compiles (Triton) or autotunes per shape and dtype: the low-precision dtypes check a subset of the
+#: cases (indices into the case lists), flex (opt-in, measured slower, compiled per shape) fewer still
+CASE_SUBSET = {torch.float32: None, torch.bfloat16: (0, 1, 3), torch.float16: (0, 1)}
+FLEX_CASES = {torch.float32: (0, 2), torch.bfloat16: (0,), torch.float16: (0,)}
+AGGREGATE_SUBSET = {torch.float32: None, torch.bfloat16: (0,), torch.float16: (0,)}
 #: issue 12: attention op forward + backward, B = 64 C = 64 56 x 56, triton / tiled <= 0.3
 OP_TARGET = 0.3
 
@@ -107,8 +110,9 @@ def check_attention(dev: torch.device, cases=ATTENTION_CASES, deadline: float = 
             for i, (shape, ks, stride, layout) in enumerate(cases):
                 row = {"op": "attention", "backend": name, "dtype": str(dtype), "shape": shape, "stride": stride,
                        "kernel": ks, "layout": layout}  # fmt: skip
-                if name in COMPILED and dtype != torch.float32 and i > 0:
-                    continue  # low precision: stage-1 shape only
+                subset = FLEX_CASES[dtype] if name == "flex" else CASE_SUBSET[dtype]
+                if subset is not None and i not in subset and len(cases) > max(subset):
+                    continue
                 if time.perf_counter() > deadline:
                     results.append({**row, "status": "no time"})
                     continue
@@ -139,6 +143,9 @@ def check_aggregate(dev: torch.device, cases=AGGREGATE_CASES, deadline: float = 
             continue
         for dtype in DTYPES:
             for i, ((b, c, h, w), wc, ks, stride, channels_last) in enumerate(cases):
+                subset = AGGREGATE_SUBSET[dtype]
+                if subset is not None and i not in subset and len(cases) > max(subset):
+                    continue
                 row = {"op": "aggregate", "backend": name, "dtype": str(dtype), "shape": (b, c, h, w), "stride": stride,
                        "kernel": ks, "layout": "cl" if channels_last else "nchw"}  # fmt: skip
                 if time.perf_counter() > deadline:
@@ -194,6 +201,34 @@ def attention_target(dev: torch.device, batch: int, size: int, repeats: int) -> 
                      "tiled_ms": by["tiled"].median_ms, "triton_mib": by["triton"].peak_mib,
                      "tiled_mib": by["tiled"].peak_mib, "ratio": ratio, "target": OP_TARGET,
                      "met": ratio <= OP_TARGET})  # fmt: skip
+    return rows
+
+
+#: (query tile, key tile) pairs timed by :func:`tile_sweep` (acmix.ops._backends.triton_attention tables)
+TILE_SWEEP = [((4, 4), (4, 4)), ((4, 4), (8, 8)), ((4, 8), (4, 8)), ((8, 8), (8, 8))]
+
+
+def tile_sweep(dev: torch.device, batch: int, size: int, repeats: int) -> list[dict]:
+    """Triton attention fwd+bwd (bfloat16, B x 64 x size^2, stride 1 and 2) for each tile pair of TILE_SWEEP."""
+    from acmix.ops._backends import triton_attention as ta
+
+    if not get_backend("triton").can_run(torch.empty(1, 4, 16, 1, 1, device=dev))[0]:
+        return []
+    saved = (dict(ta.QUERY_TILES), dict(ta.KEY_TILES))
+    rows = []
+    try:
+        for stride in (1, 2):
+            for qt, kt in TILE_SWEEP:
+                ta.QUERY_TILES[stride], ta.KEY_TILES[stride] = qt, kt
+                spec = bench_op.OpSpec("attention", "triton", batch, 64, size, stride, 4, 7, "bfloat16", str(dev))
+                got = bench_op.run([[spec]], warmup=2, repeats=repeats, memory="off", threads=None)
+                rows.append({"stride": stride, "query_tile": qt, "key_tile": kt, "ms": got[0].median_ms,
+                             "default": (qt, kt) == (saved[0][stride], saved[1][stride])})  # fmt: skip
+    finally:
+        ta.QUERY_TILES.clear()
+        ta.QUERY_TILES.update(saved[0])
+        ta.KEY_TILES.clear()
+        ta.KEY_TILES.update(saved[1])
     return rows
 
 
@@ -313,6 +348,10 @@ def main(argv: list[str]) -> int:
                   f"{'met' if r['met'] else 'MISSED'}); peak MiB {r['triton_mib']} vs {r['tiled_mib']}")  # fmt: skip
         else:
             print(f"attention target: {r['status']}")
+    report["tile_sweep"] = tile_sweep(dev, batch, size, args.repeats)
+    for r in report["tile_sweep"]:
+        print(f"triton tiles stride {r['stride']} query {r['query_tile']} key {r['key_tile']}: {r['ms']:.2f} ms"
+              f"{'  (current default)' if r['default'] else ''}")  # fmt: skip
     agg_shapes = [((1, 4, 8), 2)] if args.quick else [((64, 64, 56), 8), ((64, 128, 28), 16)]
     report["aggregate_timing"] = aggregate_timing(dev, agg_shapes, args.repeats)
     for r in report["aggregate_timing"]:

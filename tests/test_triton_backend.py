@@ -102,6 +102,16 @@ def test_attention_head_dims_outside_the_tile_sizes(head_dim, fresh_seed):
     _check_attention((1, 1, head_dim, 5, 6), 3, 1, torch.float32)
 
 
+@pytest.mark.parametrize("tiles", [((8, 8), (8, 8)), ((2, 8), (8, 2)), ((16, 4), (4, 4))], ids=str)
+@pytest.mark.parametrize("stride", [1, 2])
+def test_attention_every_tile_shape(tiles, stride, monkeypatch, fresh_seed):
+    """The tile tables are tuning knobs (benchmarks/gpu_check.py sweeps them): every legal choice is exact."""
+    monkeypatch.setitem(triton_attention.QUERY_TILES, stride, tiles[0])
+    monkeypatch.setitem(triton_attention.KEY_TILES, stride, tiles[1])
+    monkeypatch.setattr(triton_attention, "SMALL_MAP_TILE", (4, 4))
+    _check_attention((1, 1, 16, 11, 13), 5, stride, torch.float32)
+
+
 def test_attention_without_position_and_with_scale(fresh_seed):
     _check_attention((1, 2, 16, 6, 5), 5, 2, torch.float32, with_pos=False, scale=0.3)
 

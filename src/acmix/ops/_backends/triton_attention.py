@@ -4,7 +4,8 @@ The op is ACmix's window attention with the relative position term as a key offs
 ``q_i . p_i`` term is the same for every key of a query and cancels in the softmax, paper.md section 8) and the
 reflection border as an additive ``log(multiplicity)`` bias (a reflected key is a real key counted again).
 
-Forward (:func:`_triton_kernels._attn_fwd`): a program owns a TQY x TQX tile of queries of one (batch, head); it
+Forward (:func:`_triton_kernels._attn_fwd`): a program owns a tile of queries of one (batch, head) (4 x 4, or the
+whole map up to 8 x 8; :data:`QUERY_TILES`); it
 streams the tile's *halo* (every real key within k // 2 of one of its query centres, ``((T - 1) s + k)^2`` keys at
 most) in chunks of ``BLOCK_N`` straight from q, k, v and the position map in their own strides, computes the logits
 with ``tl.dot`` over head_dim, adds the per-(query, key) log multiplicity computed from the indices (``-inf`` for keys
@@ -139,9 +140,29 @@ def _warps(block_d: int) -> int:
     return 8 if block_d >= 128 else 4
 
 
-def query_tile(stride: int) -> tuple[int, int]:
-    """Query tile (TQY, TQX): 8 x 8 (halo 14 x 14 at k = 7, stride 1; 21 x 21 at stride 2)."""
-    return (8, 8)
+#: tile edges (rows, columns; each a power of two, product >= 16) per stride: the forward and dq kernels tile the
+#: queries, the dk/dv kernel the keys. Chosen on paper, NOT yet tuned on a GPU (``benchmarks/gpu_check.py`` times
+#: the alternatives): a T x T query tile scans ((T - 1) s + k)^2 keys per query in 64-key chunks, so at k = 7 a 4 x 4
+#: tile computes 128 (stride 1) / 192 (stride 2) logits per query against 256 / 448 for 8 x 8, at the price of
+#: reading each key from L2 about twice as often; a key tile sees ((T - 1) + 2p) / s query rows.
+QUERY_TILES: dict[int, tuple[int, int]] = {1: (4, 4), 2: (4, 4)}
+KEY_TILES: dict[int, tuple[int, int]] = {1: (4, 4), 2: (8, 8)}
+#: maps that fit in this tile are one tile (every query of the map shares one halo: the whole map)
+SMALL_MAP_TILE = (8, 8)
+
+
+def query_tile(stride: int, ho: int, wo: int) -> tuple[int, int]:
+    """Query tile (rows, columns) for an output map of ho x wo (see :data:`QUERY_TILES`)."""
+    if ho <= SMALL_MAP_TILE[0] and wo <= SMALL_MAP_TILE[1]:
+        return SMALL_MAP_TILE
+    return QUERY_TILES.get(stride, QUERY_TILES[2])
+
+
+def key_tile(stride: int, h: int, w: int) -> tuple[int, int]:
+    """Key tile (rows, columns) of the dk/dv kernel for an input map of h x w (see :data:`KEY_TILES`)."""
+    if h <= SMALL_MAP_TILE[0] and w <= SMALL_MAP_TILE[1]:
+        return SMALL_MAP_TILE
+    return KEY_TILES.get(stride, KEY_TILES[2])
 
 
 def _pos5(pos: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
@@ -186,7 +207,7 @@ def _forward(
     ho, wo = -(-h // stride), -(-w // stride)
     out = empty_like_layout(q, (b, n, d, ho, wo))
     lse = torch.empty(b * n, ho * wo, dtype=torch.float32, device=q.device)
-    tqy, tqx = query_tile(stride)
+    tqy, tqx = query_tile(stride, ho, wo)
     nty, ntx = -(-ho // tqy), -(-wo // tqx)
     p = _pos5(pos, q)
     block_d = _block_d(d)
@@ -227,7 +248,7 @@ def _backward(
     block_d = _block_d(d)
     common = _common_args(q, kernel_size, stride)
     mod = kernels()
-    tqy, tqx = query_tile(stride)
+    tqy, tqx = query_tile(stride, ho, wo)
     nty, ntx = -(-ho // tqy), -(-wo // tqx)
     mod._attn_bwd_dq[(b * n * nty * ntx,)](
         q, k, v, p, out, dout, lse, delta, dq,
@@ -239,7 +260,7 @@ def _backward(
         num_warps=_warps(block_d),
         **common,
     )  # fmt: skip
-    tky, tkx = 8, 8
+    tky, tkx = key_tile(stride, h, w)
     nky, nkx = -(-h // tky), -(-w // tkx)
     mod._attn_bwd_dkdv[(b * n * nky * nkx,)](
         q, k, v, p, dout, lse, delta, dk, dv,
