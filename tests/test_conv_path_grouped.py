@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from _grouped_route import grouped_layer_forward
 from acmix.layers import ACmix
+from acmix.ops import conv_path
 from acmix.ops._reference import conv_path_reference
 from acmix.ops.conv_path import compose_weight, conv_path_grouped, grouped_qkv_order, split_grouped_qkv
 
@@ -80,3 +81,21 @@ def test_layer_through_the_grouped_route_matches_the_layer(stride, channels_last
     assert gp_g.keys() == gp_l.keys()
     for name in gp_l:
         torch.testing.assert_close(gp_g[name], gp_l[name], msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("fc_bias", [False, True])
+def test_fused_conv_path_keeps_channels_last(fc_bias):
+    """q/k/v sliced from a channels_last projection: the fused path stays channels_last (NHWC grouped conv)."""
+    heads, head_dim, hw = 2, 4, (7, 6)
+    c = heads * head_dim
+    x = torch.randn(2, 3 * c, *hw, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    q, k, v = x.chunk(3, 1)
+    fc_w = torch.randn(9, 3 * heads, dtype=torch.float64)
+    bias = torch.randn(9, dtype=torch.float64) if fc_bias else None
+    gw = torch.randn(c, 9, 3, 3, dtype=torch.float64)
+    got = conv_path(q, k, v, heads, fc_w, gw, bias, stride=2)
+    want = conv_path_reference(q.contiguous(), k.contiguous(), v.contiguous(), heads, fc_w, bias, gw, 2)
+    torch.testing.assert_close(got, want)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    nchw = conv_path(*(t.contiguous() for t in (q, k, v)), heads, fc_w, gw, bias, stride=2)
+    torch.testing.assert_close(nchw, want)

@@ -107,9 +107,19 @@ def _conv_path_fused(
     b, c, h, w = q.shape
     hd = c // num_heads
     weight = compose_weight(fc_weight, group_weight.to(q.dtype))  # (C, 3N, kc, kc)
-    x = torch.stack([q, k, v], 1).reshape(b, 3, num_heads, hd, h, w)  # (B, 3, N, D, H, W)
-    x = x.permute(0, 3, 1, 2, 4, 5).reshape(b, 3 * c, h, w)  # (B, 3C, H, W): channel d*3N + t*N + j
+    if _channels_last_like(q):
+        # one copy straight into channels_last (B, H, W, D, 3, N): the grouped conv then runs NHWC, no conversions
+        parts = [t.permute(0, 2, 3, 1).reshape(b, h, w, num_heads, hd).transpose(3, 4) for t in (q, k, v)]
+        x = torch.stack(parts, 4).reshape(b, h, w, 3 * c).permute(0, 3, 1, 2)  # channel d*3N + t*N + j
+    else:
+        x = torch.stack([q, k, v], 1).reshape(b, 3, num_heads, hd, h, w)  # (B, 3, N, D, H, W)
+        x = x.permute(0, 3, 1, 2, 4, 5).reshape(b, 3 * c, h, w)  # (B, 3C, H, W): channel d*3N + t*N + j
     return conv_path_grouped(x, weight, num_heads, fc_bias, group_weight, stride)
+
+
+def _channels_last_like(t: torch.Tensor) -> bool:
+    """Channels are t's fastest dimension (a channels_last tensor or a channel slice of one), with C > 1."""
+    return t.shape[1] > 1 and t.stride(1) == 1 and t.stride(3) >= t.shape[1]
 
 
 def conv_path(
