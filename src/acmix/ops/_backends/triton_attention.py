@@ -5,9 +5,9 @@ The op is ACmix's window attention with the relative position term as a key offs
 reflection border as an additive ``log(multiplicity)`` bias (a reflected key is a real key counted again).
 
 Forward (:func:`_triton_kernels._attn_fwd`): a program owns a tile of queries of one (batch, head) (4 x 4, or the
-whole map up to 8 x 8; :data:`QUERY_TILES`); it
-streams the tile's *halo* (every real key within k // 2 of one of its query centres, ``((T - 1) s + k)^2`` keys at
-most) in chunks of ``BLOCK_N`` straight from q, k, v and the position map in their own strides, computes the logits
+whole map up to 8 x 8; :data:`QUERY_TILES`); it streams the tile's *halo* (every real key within k // 2 of one of
+its query centres, ``((T - 1) s + k)^2`` keys at most) in chunks of ``BLOCK_N`` straight from q, k, v and the
+position map in their own strides, computes the logits
 with ``tl.dot`` over head_dim, adds the per-(query, key) log multiplicity computed from the indices (``-inf`` for keys
 outside a query's window, so every query sees exactly its own window), keeps an online softmax and accumulates the
 values. It stores the output and the log-sum-exp only: nothing of size k^2 x map is ever written.
