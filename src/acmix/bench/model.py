@@ -136,6 +136,7 @@ def compare_models(
     baselines: dict[str, str] | None = None,
     progress: Callable[[str], None] | None = None,
     on_rows: Callable[[list[BenchResult]], None] | None = None,
+    extra_backends: Sequence[str] = (),
 ) -> list[BenchResult]:
     """Measure each model beside its baseline and its official-style formulation, interleaved, one process.
 
@@ -153,6 +154,8 @@ def compare_models(
         baselines: name -> baseline name, overriding ``PAPER_TABLE``.
         progress: called with a one-line message before each comparison (the CLI prints them).
         on_rows: called with the rows of each comparison as soon as it is measured (long runs keep partial results).
+        extra_backends: more variants of each ACmix model, one per local-attention backend named here (variant
+            ``acmix-<name>``, same weights), timed in the same interleaved run (e.g. ``triton`` against ``tiled``).
 
     Returns:
         one :class:`~acmix.bench.runner.BenchResult` per model, variant and mode, with ``group`` set to the
@@ -197,6 +200,10 @@ def compare_models(
             cases.append(BenchCase(name, module, config, label, name))
             if reference and has_layers:
                 cases.append(BenchCase(name, ref, replace(config, backend="reference"), "acmix-reference", name))
+            switchable = any(hasattr(m, "backend") for m in acmix_layers(module))  # a local-attention path
+            for extra in extra_backends if switchable else ():
+                extra_cfg = replace(config, backend=extra)
+                cases.append(BenchCase(name, copy.deepcopy(module), extra_cfg, f"acmix-{extra}", name))
             got = time_interleaved(cases, mode, measure_memory=memory != "off" and not use_subprocess)
             if use_subprocess:
                 for row, case in zip(got, cases):

@@ -77,6 +77,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
         "channels_last",
         "sync_bn",
         "grad_checkpointing",
+        "compile",
         "threads",
         "seed",
         "deterministic",
@@ -104,6 +105,7 @@ _HELP = {
     "skip_bad_images": "skip unreadable image files (counted, reported per epoch) instead of stopping",
     "shift_aug": "embedded digits: random translation by up to N pixels",
     "amp": "autocast: bfloat16 on CPU, float16/bfloat16 on CUDA (--amp-dtype)",
+    "compile": "torch.compile the whole model for training and evaluation (the first steps are slow: compiling)",
     "threads": "torch CPU threads (default: 1 for the embedded digits, else torch's default)",
 }
 

@@ -78,6 +78,11 @@ def _bias_map(
     return F.conv2d(ones, wb, None, stride=stride, padding=kc // 2, groups=c_out)
 
 
+def _channels_last_like(t: torch.Tensor) -> bool:
+    """Channels are t's fastest dimension (a channels_last tensor or a channel slice of one), with C > 1."""
+    return t.shape[1] > 1 and t.stride(1) == 1 and t.stride(3) >= t.shape[1]
+
+
 def _check_maps(
     maps: torch.Tensor, head_dim: int, fc_weight: torch.Tensor, group_weight: torch.Tensor, stride: int
 ) -> None:
@@ -142,7 +147,11 @@ def conv_path_maps(
         return F.conv2d(f, gw, None, stride=stride, padding=kc // 2, groups=head_dim)
     weight = compose_weight(fc_weight, gw)  # (C_out, M, kc, kc)
     x = maps
-    if order == "maps":
+    if order == "maps" and _channels_last_like(maps):
+        # one copy straight into channels_last (B, H, W, D, M): the grouped conv then runs NHWC, no conversions
+        x = maps.permute(0, 2, 3, 1).reshape(b, h, w, m, head_dim).transpose(3, 4).reshape(b, h, w, c)
+        x = x.permute(0, 3, 1, 2)  # (B, D * M, H, W) channels_last, channel d * M + m
+    elif order == "maps":
         x = maps.reshape(b, m, head_dim, h, w).transpose(1, 2).reshape(b, head_dim * m, h, w)  # channel d * M + m
     out = F.conv2d(x, weight, None, stride=stride, padding=kc // 2, groups=head_dim)
     if fc_bias is not None:

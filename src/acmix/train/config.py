@@ -88,6 +88,7 @@ class TrainConfig:
     channels_last: bool = False
     sync_bn: bool = False
     grad_checkpointing: bool = False
+    compile: bool = False  # torch.compile the whole training model (the first steps compile; needs a C++ toolchain)
     threads: int | None = None  # torch CPU threads; None: 1 for the embedded digits (tiny ops), else torch default
     seed: int = 0
     deterministic: bool = False

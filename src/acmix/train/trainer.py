@@ -362,6 +362,10 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
         from torch.nn.parallel import DistributedDataParallel
 
         train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        # the whole model under torch.compile (ACmix's ops are torch.library ops or plain torch: no graph break);
+        # checkpoints and EMA keep using the bare ``model``
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     loss_fn, mixup_fn = _loss_fns(cfg, num_classes)
     train_sampler = ShardSampler(n_train, shuffle=True, seed=cfg.seed, rank=info.rank, world=info.world)

@@ -2,13 +2,16 @@
 
 | name       | where                | idea                                                                      |
 |------------|----------------------|---------------------------------------------------------------------------|
+| ``triton`` | CUDA (opt-in until   | fused Triton kernels: query tiles stream their key halo, log-multiplicity |
+|            | measured on a GPU)   | bias from indices, online softmax; LSE-only backward (triton_attention)   |
 | ``flex``   | CUDA (opt-in)        | FlexAttention over the flattened map: 2-D window ``mask_mod``,            |
 |            |                      | ``log(multiplicity)`` ``score_mod``                                       |
 | ``tiled``  | any device (default  | halo tiles of queries + one fused SDPA call with a log-multiplicity bias  |
 |            | on CPU and CUDA)     |                                                                           |
 | ``offset`` | any device           | offset-by-offset loop, recomputing backward (leanest memory)              |
 
-SAN's patchwise aggregation has its own registry (``offset``, then the unfold ``reference``).
+SAN's patchwise aggregation has its own registry (``triton`` (opt-in), ``offset``, then the unfold ``reference``).
+The ``triton`` backends also run on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` is set (tests).
 
 The unfold ``reference`` (priority 0) is registered by :mod:`acmix.ops.local_attention`. ``torch.compile`` of the
 offset loop was measured and dropped: on the 2-core CPU at B = 8, C = 64, 56 x 56 it compiled for ~170 s and then
@@ -24,17 +27,32 @@ from .aggregate import local_aggregate_offset
 from .flex import can_run_flex, local_attention_flex
 from .offset import local_attention_offset
 from .tiled import local_attention_tiled
+from .triton_aggregate import can_run_triton_aggregate, local_aggregate_triton
+from .triton_attention import can_run_triton, local_attention_triton
 
 #: measured on an H100 (torch 2.11, benchmarks/gpu_all.sh): correct, but slower than ``tiled`` at every ResNet shape
 #: (fp32 stage 1: 3.9 vs 1.6 ms forward+backward; bf16: 45-57 ms vs 1.3-1.8 ms), and its Triton kernel exceeds
 #: shared memory at head_dim 128 (ResNet-50 stage 4)
 _FLEX_OPT_IN = "measured 2-40x slower than 'tiled' on an H100; fails to compile at head_dim 128"
+#: the Triton kernels are tested (CPU interpreter) but not yet timed on a GPU: automatic selection waits for
+#: benchmarks/gpu_all.sh; clear this (``opt_in=None``) once it shows them faster than 'tiled' / 'offset'
+_TRITON_OPT_IN = "not yet timed on a GPU (benchmarks/gpu_all.sh decides)"
 
 
 def _any(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
+register_backend(
+    Backend(
+        "triton",
+        local_attention_triton,
+        can_run_triton,
+        priority=50,
+        description="fused Triton kernels: halo-streaming online softmax, LSE-only backward (CUDA; opt-in)",
+        opt_in=_TRITON_OPT_IN,
+    )
+)
 register_backend(
     Backend(
         "flex",
@@ -66,6 +84,16 @@ register_backend(
 
 AGGREGATE.register(
     Backend(
+        "triton",
+        local_aggregate_triton,
+        can_run_triton_aggregate,
+        priority=50,
+        description="Triton kernels, reflected indices, no unfold and no atomics (CUDA; opt-in)",
+        opt_in=_TRITON_OPT_IN,
+    )
+)
+AGGREGATE.register(
+    Backend(
         "offset",
         local_aggregate_offset,
         _any,
@@ -74,4 +102,11 @@ AGGREGATE.register(
     )
 )
 
-__all__ = ["local_aggregate_offset", "local_attention_flex", "local_attention_offset", "local_attention_tiled"]
+__all__ = [
+    "local_aggregate_offset",
+    "local_aggregate_triton",
+    "local_attention_flex",
+    "local_attention_offset",
+    "local_attention_tiled",
+    "local_attention_triton",
+]

@@ -37,7 +37,11 @@ def tile_size(n_out: int, stride: int) -> int:
     prefs = (8, 7) if stride == 1 else (7, 8)
     if n_out <= prefs[0] + 4:
         return n_out
-    return min(prefs, key=lambda t: (-(-n_out // t) * t - n_out, prefs.index(t)))
+    best = prefs[0]
+    for t in prefs[1:]:  # a plain loop, not min(key=...): torch.compile traces it when n_out is symbolic
+        if -(-n_out // t) * t < -(-n_out // best) * best:
+            best = t
+    return best
 
 
 @dataclass(frozen=True)
