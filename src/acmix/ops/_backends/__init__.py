@@ -21,6 +21,7 @@ import torch
 
 from .._dispatch import AGGREGATE, Backend, register_backend
 from .aggregate import local_aggregate_offset
+from .cpp import can_run_cpp, local_attention_cpp
 from .flex import can_run_flex, local_attention_flex
 from .offset import local_attention_offset
 from .tiled import local_attention_tiled
@@ -43,6 +44,15 @@ register_backend(
         priority=40,
         description="FlexAttention, 2-D window mask_mod + log-multiplicity score_mod (compiled, CUDA; opt-in)",
         opt_in=_FLEX_OPT_IN,
+    )
+)
+register_backend(
+    Backend(
+        "cpp",
+        local_attention_cpp,
+        can_run_cpp,
+        priority=35,
+        description="C++ kernel over each query's window only, recomputing backward (CPU; built on first use)",
     )
 )
 register_backend(
@@ -74,4 +84,10 @@ AGGREGATE.register(
     )
 )
 
-__all__ = ["local_aggregate_offset", "local_attention_flex", "local_attention_offset", "local_attention_tiled"]
+__all__ = [
+    "local_aggregate_offset",
+    "local_attention_cpp",
+    "local_attention_flex",
+    "local_attention_offset",
+    "local_attention_tiled",
+]

@@ -11,10 +11,11 @@
 // windows touch into a small scratch (reflected rows and columns resolved once, p subtracted there), split by column
 // phase (column c of the padded row goes to phase c % s, slot c / s), so that for window column offset u the keys
 // of consecutive queries are consecutive in memory at every stride. Queries are then handled XB at a time along the
-// output row: the k * k logits of XB queries live in registers / L1, the softmax and its log-sum-exp follow, and the
-// output is accumulated from the same scratch. Only the log-sum-exp (B, N, Ho, Wo) is kept for the backward, which
-// recomputes the weights (FlashAttention) and accumulates dk / dv in the scratch before folding them back through the
-// reflection onto the real map.
+// output row: the k * k logits of XB queries stay in L1, the softmax and its log-sum-exp follow, and the output is
+// accumulated from the same scratch. Only the log-sum-exp (B, N, Ho, Wo) is kept for the backward, which recomputes
+// the weights (FlashAttention) for a whole output row, then accumulates dk / dv into the scratch slot by slot (each
+// scratch vector is loaded and stored once per window row, so no store has to be forwarded to an overlapping load),
+// and finally folds the scratch back through the reflection onto the real map.
 //
 // Threads: at::parallel_for (honours torch.set_num_threads). Forward: tasks over (b, n, row block). Backward: tasks
 // over (b, n) so that each task owns its dk / dv slab; when B * N is below the thread count, rows are split into
@@ -30,6 +31,11 @@
 #include <limits>
 #include <optional>
 #include <vector>
+
+// 64-byte double vectors without AVX-512 change a (never exported) calling convention; nothing here crosses an ABI.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace acmix_cpp {
 namespace {
@@ -47,46 +53,14 @@ inline int64_t reflect(int64_t i, int64_t n) {
   return i >= n ? period - i : i;
 }
 
-// exp for the softmax, written so that GCC / Clang vectorise it (no libm call, no branch): Cody-Waite range
-// reduction x = n ln2 + r, a polynomial for e^r (Cephes), and 2^n built in the exponent bits. Inputs are <= 0 here.
-inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
-}
-
-inline double exp_poly(double x) {
-  x = std::min(std::max(x, -708.0), 709.0);
-  const double n = std::floor(x * 1.4426950408889634074 + 0.5);
-  const double r = x - n * 6.93145751953125e-1 - n * 1.42860682030941723212e-6;
-  const double r2 = r * r;
-  const double px = r * ((1.26177193074810590878e-4 * r2 + 3.02994407707441961300e-2) * r2 + 9.99999999999999999910e-1);
-  const double qx = ((3.00198505138664455042e-6 * r2 + 2.52448340349684104192e-3) * r2 + 2.27265548208155028766e-1) * r2 +
-                    2.00000000000000000009e0;
-  const double y = 1.0 + 2.0 * px / (qx - px);
-  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
-  double two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
-}
-
 // Geometry of one call, shared by all tasks.
 struct Geom {
   int64_t B, N, D, H, W, k, s, pad, Ho, Wo;
   int64_t Wop;   // Wo rounded up to XB
-  int64_t M;     // slots per phase: Wop + (k - 1) / s + 1
+  int64_t PL;    // largest slot shift of a window column: (k - 1) / s
+  int64_t M;     // slots per phase: Wop + PL rounded up to XB
   int64_t LR;    // scratch length of one (row, channel): s * M
+  int64_t LX;    // length of a row buffer: PL zeros, then M slots
   int64_t R;     // output rows per block
   int64_t nblk;  // blocks per (b, n)
   std::vector<int64_t> col;  // (s * M): real column of phase c / M, slot c % M
@@ -97,8 +71,10 @@ struct Geom {
     k = kernel, s = stride, pad = kernel / 2;
     Ho = (H + s - 1) / s, Wo = (W + s - 1) / s;
     Wop = (Wo + XB - 1) / XB * XB;
-    M = Wop + (k - 1) / s + 1;
+    PL = (k - 1) / s;
+    M = (Wop + PL + XB - 1) / XB * XB;
     LR = s * M;
+    LX = PL + M;
     col.resize(LR);
     for (int64_t ph = 0; ph < s; ++ph)
       for (int64_t m = 0; m < M; ++m) col[ph * M + m] = reflect(m * s + ph - pad, W);
@@ -161,98 +137,236 @@ void fold_rows(T* dst, const T* src, int64_t yo0, int64_t nrows, const Geom& g) 
   }
 }
 
-// acc[u][j] = sum_d a[d][j] * line_d[off[u] + j] for UB window columns: a is (D, Wop) at the block's first query,
-// lines is the scratch at (row, channel 0) shifted to the block's first query.
-template <typename T, int UB>
-inline void dot_block(const T* __restrict a, int64_t lda, const T* __restrict lines, int64_t LR, int64_t D,
-                      const int64_t* __restrict off, T* __restrict out) {
-  T acc[UB][XB];
-  for (int u = 0; u < UB; ++u)
-    for (int j = 0; j < XB; ++j) acc[u][j] = T(0);
-  for (int64_t d = 0; d < D; ++d) {
-    const T* ad = a + d * lda;
-    const T* ld = lines + d * LR;
-#pragma GCC unroll 8
-    for (int u = 0; u < UB; ++u) {
-      const T* lu = ld + off[u];
-#pragma GCC unroll 8
-      for (int j = 0; j < XB; ++j) acc[u][j] += ad[j] * lu[j];
-    }
-  }
-  for (int u = 0; u < UB; ++u)
-    for (int j = 0; j < XB; ++j) out[u * XB + j] = acc[u][j];
+// XB lanes of T as one value (GCC / Clang vector extension): the compiler maps it onto the host's SIMD registers
+// (one AVX2 register for float, two for double; SSE / NEON registers elsewhere), so the register-blocked kernels
+// below are explicit about what stays in registers instead of relying on the auto-vectoriser.
+template <typename T>
+struct Lanes {
+  typedef T type __attribute__((vector_size(XB * sizeof(T))));
+};
+template <typename T>
+using Vec = typename Lanes<T>::type;
+
+template <typename T>
+inline Vec<T> loadu(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
 }
 
-// S[t][j] = sum_d a[d][j] * scratch[window position t of query j][d] for the k * k window positions t = tr * k + u.
 template <typename T>
-void window_dots(const T* a, int64_t lda, const T* rows, const Geom& g, T* S) {
+inline void storeu(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+template <typename T>
+struct IntLanes;
+template <>
+struct IntLanes<float> {
+  typedef int32_t type __attribute__((vector_size(XB * sizeof(float))));
+};
+template <>
+struct IntLanes<double> {
+  typedef int64_t type __attribute__((vector_size(XB * sizeof(double))));
+};
+
+template <typename V, typename From>
+inline V bitcast(const From& x) {
+  static_assert(sizeof(V) == sizeof(From), "bitcast between equal sizes only");
+  V y;
+  std::memcpy(&y, &x, sizeof(y));
+  return y;
+}
+
+template <typename T>
+inline Vec<T> vmax(const Vec<T>& a, const Vec<T>& b) {
+  return a > b ? a : b;
+}
+
+template <typename T>
+inline Vec<T> vclamp(const Vec<T>& x, T lo, T hi) {
+  const Vec<T> l = Vec<T>{} + lo, h = Vec<T>{} + hi;
+  const Vec<T> y = x < l ? l : x;
+  return y > h ? h : y;
+}
+
+// e^x for XB lanes of the softmax (inputs <= 0), all in SIMD registers: a scalar libm call per logit would cost more
+// than the dot products. Cody-Waite reduction x = n ln2 + r with n rounded to nearest by the 1.5 * 2^mantissa trick
+// (which also leaves n in the low bits), a polynomial for e^r on [-ln2/2, ln2/2] (Cephes expf / exp), and 2^n
+// written into the exponent bits. Relative error ~1 ulp; x is clamped to where 2^n stays normal.
+inline Vec<float> vexp(Vec<float> x) {
+  using V = Vec<float>;
+  using I = IntLanes<float>::type;
+  x = vclamp<float>(x, -87.0f, 88.0f);
+  const float magic = 12582912.0f;  // 1.5 * 2^23
+  const V t = x * 1.44269504088896341f + magic;
+  const V n = t - magic;
+  const I ni = bitcast<I>(t) - bitcast<I>(V{} + magic);
+  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  V p = V{} + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V y = p * r * r + r + 1.0f;
+  return y * bitcast<V>((ni + 127) << 23);
+}
+
+inline Vec<double> vexp(Vec<double> x) {
+  using V = Vec<double>;
+  using I = IntLanes<double>::type;
+  x = vclamp<double>(x, -708.0, 709.0);
+  const double magic = 6755399441055744.0;  // 1.5 * 2^52
+  const V t = x * 1.4426950408889634074 + magic;
+  const V n = t - magic;
+  const I ni = bitcast<I>(t) - bitcast<I>(V{} + magic);
+  const V r = x - n * 6.93145751953125e-1 - n * 1.42860682030941723212e-6;
+  const V r2 = r * r;
+  const V px = r * ((r2 * 1.26177193074810590878e-4 + 3.02994407707441961300e-2) * r2 + 9.99999999999999999910e-1);
+  const V qx = ((r2 * 3.00198505138664455042e-6 + 2.52448340349684104192e-3) * r2 + 2.27265548208155028766e-1) * r2 +
+               2.00000000000000000009e0;
+  const V y = 1.0 + 2.0 * px / (qx - px);
+  return y * bitcast<V>((ni + 1023) << 52);
+}
+
+// out[u] = sum_d a[d] * line_d[off[u]] (XB queries at once) for UB window columns: a is (D, lda) at the block's
+// first query, lines is the scratch at (row, channel 0) shifted to the block's first query.
+template <typename T, int UB>
+inline void dot_block(const T* __restrict a, int64_t lda, const T* __restrict lines, int64_t LR, int64_t D,
+                      const int64_t* __restrict off, T* __restrict out, int64_t ldo) {
+  Vec<T> acc[UB];
+  const T* lu[UB];
+#pragma GCC unroll 8
+  for (int u = 0; u < UB; ++u) acc[u] = Vec<T>{}, lu[u] = lines + off[u];
+  for (int64_t d = 0; d < D; ++d) {
+    const Vec<T> av = loadu(a + d * lda);
+    const int64_t o = d * LR;
+#pragma GCC unroll 8
+    for (int u = 0; u < UB; ++u) acc[u] += av * loadu(lu[u] + o);
+  }
+#pragma GCC unroll 8
+  for (int u = 0; u < UB; ++u) storeu(out + u * ldo, acc[u]);
+}
+
+// S[t] = sum_d a[d] * scratch[window position t][d] (XB queries at once) for the k * k window positions
+// t = tr * k + u; rows is the scratch at the query row's first window row, shifted to the block's first query.
+template <typename T>
+void window_dots(const T* a, int64_t lda, const T* rows, const Geom& g, T* S, int64_t lds) {
   const int64_t k = g.k;
   for (int64_t tr = 0; tr < k; ++tr) {
     const T* lines = rows + tr * g.D * g.LR;
     for (int64_t u0 = 0; u0 < k; u0 += UBMAX) {
       const int64_t* off = g.off.data() + u0;
-      T* out = S + (tr * k + u0) * XB;
+      T* out = S + (tr * k + u0) * lds;
       switch (std::min<int64_t>(k - u0, UBMAX)) {
-        case 1: dot_block<T, 1>(a, lda, lines, g.LR, g.D, off, out); break;
-        case 2: dot_block<T, 2>(a, lda, lines, g.LR, g.D, off, out); break;
-        case 3: dot_block<T, 3>(a, lda, lines, g.LR, g.D, off, out); break;
-        case 4: dot_block<T, 4>(a, lda, lines, g.LR, g.D, off, out); break;
-        case 5: dot_block<T, 5>(a, lda, lines, g.LR, g.D, off, out); break;
-        case 6: dot_block<T, 6>(a, lda, lines, g.LR, g.D, off, out); break;
-        case 7: dot_block<T, 7>(a, lda, lines, g.LR, g.D, off, out); break;
-        default: dot_block<T, 8>(a, lda, lines, g.LR, g.D, off, out); break;
+        case 1: dot_block<T, 1>(a, lda, lines, g.LR, g.D, off, out, lds); break;
+        case 2: dot_block<T, 2>(a, lda, lines, g.LR, g.D, off, out, lds); break;
+        case 3: dot_block<T, 3>(a, lda, lines, g.LR, g.D, off, out, lds); break;
+        case 4: dot_block<T, 4>(a, lda, lines, g.LR, g.D, off, out, lds); break;
+        case 5: dot_block<T, 5>(a, lda, lines, g.LR, g.D, off, out, lds); break;
+        case 6: dot_block<T, 6>(a, lda, lines, g.LR, g.D, off, out, lds); break;
+        case 7: dot_block<T, 7>(a, lda, lines, g.LR, g.D, off, out, lds); break;
+        default: dot_block<T, 8>(a, lda, lines, g.LR, g.D, off, out, lds); break;
       }
     }
   }
 }
 
-// acc[e][j] = sum_t P[t][j] * scratch[window position t of query j][d0 + e] for NB channels.
+// out[e] = sum_t P[t] * scratch[window position t][d0 + e] (XB queries at once) for NB channels.
 template <typename T, int NB>
-inline void weighted_block(const T* __restrict P, const T* __restrict rows, const Geom& g, int64_t d0,
-                           T* __restrict acc_out) {
-  T acc[NB][XB];
-  for (int e = 0; e < NB; ++e)
-    for (int j = 0; j < XB; ++j) acc[e][j] = T(0);
+inline void weighted_block(const T* __restrict P, int64_t ldp, const T* __restrict rows, const Geom& g, int64_t d0,
+                           T* __restrict out) {
+  Vec<T> acc[NB];
+#pragma GCC unroll 4
+  for (int e = 0; e < NB; ++e) acc[e] = Vec<T>{};
   const int64_t k = g.k, LR = g.LR;
   const int64_t* off = g.off.data();
   for (int64_t tr = 0; tr < k; ++tr) {
     const T* lines = rows + (tr * g.D + d0) * LR;
+    const T* pr = P + tr * k * ldp;
     for (int64_t u = 0; u < k; ++u) {
-      const T* pu = P + (tr * k + u) * XB;
+      const Vec<T> pu = loadu(pr + u * ldp);
       const T* lu = lines + off[u];
 #pragma GCC unroll 4
-      for (int e = 0; e < NB; ++e) {
-        const T* le = lu + e * LR;
-#pragma GCC unroll 8
-        for (int j = 0; j < XB; ++j) acc[e][j] += pu[j] * le[j];
-      }
+      for (int e = 0; e < NB; ++e) acc[e] += pu * loadu(lu + e * LR);
     }
   }
-  for (int e = 0; e < NB; ++e)
-    for (int j = 0; j < XB; ++j) acc_out[e * XB + j] = acc[e][j];
+#pragma GCC unroll 4
+  for (int e = 0; e < NB; ++e) storeu(out + e * XB, acc[e]);
 }
 
-// out[d][j] = sum_t P[t][j] * scratch[...][d] for every channel; out is (D, XB).
+// out[d] = sum_t P[t] * scratch[window position t][d] for every channel; out is (D, XB).
 template <typename T>
-void window_weighted(const T* P, const T* rows, const Geom& g, T* out) {
+void window_weighted(const T* P, int64_t ldp, const T* rows, const Geom& g, T* out) {
   int64_t d0 = 0;
-  for (; d0 + DB <= g.D; d0 += DB) weighted_block<T, DB>(P, rows, g, d0, out + d0 * XB);
+  for (; d0 + DB <= g.D; d0 += DB) weighted_block<T, DB>(P, ldp, rows, g, d0, out + d0 * XB);
   switch (g.D - d0) {
-    case 1: weighted_block<T, 1>(P, rows, g, d0, out + d0 * XB); break;
-    case 2: weighted_block<T, 2>(P, rows, g, d0, out + d0 * XB); break;
-    case 3: weighted_block<T, 3>(P, rows, g, d0, out + d0 * XB); break;
+    case 1: weighted_block<T, 1>(P, ldp, rows, g, d0, out + d0 * XB); break;
+    case 2: weighted_block<T, 2>(P, ldp, rows, g, d0, out + d0 * XB); break;
+    case 3: weighted_block<T, 3>(P, ldp, rows, g, d0, out + d0 * XB); break;
     default: break;
   }
 }
 
-// buf[d][j] = mul * x[d][y][j * s] for j < Wo, 0 beyond: one strided row of a (D, H, W) slab, contiguous, padded.
+// Slot-stationary accumulation into one scratch phase: for the XB slots m of every channel d,
+//   target[d][m] += sum_i w[i][m - i] * x[d][m - i]
+// where w[i] is the weight row of the i-th window column of this phase (its slot shift is i). The NU weight vectors
+// stay in registers while the channels stream through; every target vector is loaded and stored once.
+template <typename T, int NU>
+inline void scatter_block(const T* __restrict w, int64_t wstep, const T* __restrict x, int64_t LX,
+                          T* __restrict target, int64_t LR, int64_t D) {
+  Vec<T> wv[NU];
+#pragma GCC unroll 8
+  for (int i = 0; i < NU; ++i) wv[i] = loadu(w + i * wstep - i);
+  for (int64_t d = 0; d < D; ++d) {
+    const T* xd = x + d * LX;
+    T* td = target + d * LR;
+    Vec<T> acc = loadu(td);
+#pragma GCC unroll 8
+    for (int i = 0; i < NU; ++i) acc += wv[i] * loadu(xd - i);
+    storeu(td, acc);
+  }
+}
+
+// scratch[window position t of query j][d] += W[t][j] * X[d][j] for a whole output row: W (k * k, LX) and X (D, LX)
+// are row buffers (PL zeros, then the row), rows is the scratch at the query row's first window row.
+template <typename T>
+void window_scatter(const T* W, const T* X, T* rows, const Geom& g) {
+  const int64_t k = g.k, s = g.s, LX = g.LX;
+  for (int64_t tr = 0; tr < k; ++tr) {
+    T* lines = rows + tr * g.D * g.LR;
+    for (int64_t ph = 0; ph < std::min(s, k); ++ph) {
+      const int64_t nu = (k - ph + s - 1) / s;  // window columns u = ph + i * s, slot shift i
+      for (int64_t i0 = 0; i0 < nu; i0 += UBMAX) {
+        const int64_t wstep = s * LX;
+        const T* w = W + (tr * k + ph + i0 * s) * LX + g.PL - i0;
+        const T* x = X + g.PL - i0;
+        for (int64_t m0 = 0; m0 < g.M; m0 += XB) {
+          T* target = lines + ph * g.M + m0;
+          switch (std::min<int64_t>(nu - i0, UBMAX)) {
+            case 1: scatter_block<T, 1>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
+            case 2: scatter_block<T, 2>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
+            case 3: scatter_block<T, 3>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
+            case 4: scatter_block<T, 4>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
+            case 5: scatter_block<T, 5>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
+            case 6: scatter_block<T, 6>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
+            case 7: scatter_block<T, 7>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
+            default: scatter_block<T, 8>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
+          }
+        }
+      }
+    }
+  }
+}
+
+// buf[d][PL + j] = mul * x[d][y][j * step] for j < Wo; the rest of the (D, LX) buffer stays zero.
 template <typename T>
 void load_row(T* buf, const Slab<T>& x, int64_t y, int64_t step, T mul, const Geom& g) {
   for (int64_t d = 0; d < g.D; ++d) {
     const T* in = x.at(d, y);
-    T* out = buf + d * g.Wop;
+    T* out = buf + d * g.LX + g.PL;
     for (int64_t j = 0; j < g.Wo; ++j) out[j] = mul * in[j * step];
-    for (int64_t j = g.Wo; j < g.Wop; ++j) out[j] = T(0);
   }
 }
 
@@ -264,45 +378,40 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* out_ptr = out.data_ptr<T>();
   T* lse_ptr = lse.data_ptr<T>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t max_rows = g.rows(0, g.R);
-    std::vector<T> ks(max_rows * g.D * g.LR), vs(max_rows * g.D * g.LR), qb(g.D * g.Wop), S(k2 * XB),
-        acc(g.D * XB);
+    const int64_t scratch = g.rows(0, g.R) * g.D * g.LR;
+    std::vector<T> ks(scratch), vs(scratch), qb(g.D * g.LX), S(k2 * XB), acc(g.D * XB);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bn = task / g.nblk, blk = task % g.nblk;
       const int64_t b = bn / g.N, n = bn % g.N;
       const int64_t yo0 = blk * g.R, yo1 = std::min(g.Ho, yo0 + g.R);
       const int64_t nrows = g.rows(yo0, yo1);
-      const Slab<T> qs = slab<T>(q, b, n), kslab = slab<T>(k, b, n), vslab = slab<T>(v, b, n);
+      const Slab<T> qs = slab<T>(q, b, n);
       Slab<T> pslab{};
       if (pos != nullptr) pslab = slab<T>(*pos, b, n);
-      fill_rows<T>(ks.data(), kslab, pos != nullptr ? &pslab : nullptr, yo0, nrows, g);
-      fill_rows<T>(vs.data(), vslab, nullptr, yo0, nrows, g);
+      fill_rows<T>(ks.data(), slab<T>(k, b, n), pos != nullptr ? &pslab : nullptr, yo0, nrows, g);
+      fill_rows<T>(vs.data(), slab<T>(v, b, n), nullptr, yo0, nrows, g);
       T* out_bn = out_ptr + bn * g.D * g.Ho * g.Wo;
       T* lse_bn = lse_ptr + bn * g.Ho * g.Wo;
       for (int64_t yo = yo0; yo < yo1; ++yo) {
         load_row<T>(qb.data(), qs, yo * g.s, g.s, scale, g);
         const int64_t row_off = (yo - yo0) * g.s * g.D * g.LR;
         for (int64_t x0 = 0; x0 < g.Wo; x0 += XB) {
-          window_dots<T>(qb.data() + x0, g.Wop, ks.data() + row_off + x0, g, S.data());
-          T mx[XB], sum[XB];
-          for (int j = 0; j < XB; ++j) mx[j] = -std::numeric_limits<T>::infinity(), sum[j] = T(0);
-          for (int64_t t = 0; t < k2; ++t)
-            for (int j = 0; j < XB; ++j) mx[j] = std::max(mx[j], S[t * XB + j]);
+          window_dots<T>(qb.data() + g.PL + x0, g.LX, ks.data() + row_off + x0, g, S.data(), XB);
+          Vec<T> mx = loadu(S.data()), sum{};
+          for (int64_t t = 1; t < k2; ++t) mx = vmax<T>(mx, loadu(S.data() + t * XB));
           for (int64_t t = 0; t < k2; ++t) {
-            T* st = S.data() + t * XB;
-#pragma GCC unroll 8
-            for (int j = 0; j < XB; ++j) {
-              const T e = exp_poly(st[j] - mx[j]);
-              st[j] = e;
-              sum[j] += e;
-            }
+            const Vec<T> e = vexp(loadu(S.data() + t * XB) - mx);
+            storeu(S.data() + t * XB, e);
+            sum += e;
           }
-          window_weighted<T>(S.data(), vs.data() + row_off + x0, g, acc.data());
+          window_weighted<T>(S.data(), XB, vs.data() + row_off + x0, g, acc.data());
           const int64_t nv = std::min<int64_t>(XB, g.Wo - x0);
+          const Vec<T> inv = T(1) / sum;
           for (int64_t j = 0; j < nv; ++j) lse_bn[yo * g.Wo + x0 + j] = mx[j] + std::log(sum[j]);
           for (int64_t d = 0; d < g.D; ++d) {
-            T* o = out_bn + (d * g.Ho + yo) * g.Wo + x0;
-            for (int64_t j = 0; j < nv; ++j) o[j] = acc[d * XB + j] / sum[j];
+            const Vec<T> o = loadu(acc.data() + d * XB) * inv;
+            T* dst = out_bn + (d * g.Ho + yo) * g.Wo + x0;
+            for (int64_t j = 0; j < nv; ++j) dst[j] = o[j];
           }
         }
       }
@@ -319,87 +428,66 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
   const int64_t k2 = g.k * g.k;
   const int64_t slab_size = g.D * g.H * g.W;
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    const int64_t max_rows = g.rows(0, g.R);
-    const int64_t scratch = max_rows * g.D * g.LR;
-    std::vector<T> ks(scratch), vs(scratch), dks(scratch), dvs(scratch), qb(g.D * g.Wop), gb(g.D * g.Wop),
-        P(k2 * XB), dS(k2 * XB), acc(g.D * XB), delta(g.Wop), lrow(g.Wop);
+    const int64_t scratch = g.rows(0, g.R) * g.D * g.LR;
+    // row buffers (PL zeros, then the row): scaled queries, output gradient, weights A and logit gradients dS
+    std::vector<T> ks(scratch), vs(scratch), dks(scratch), dvs(scratch), qb(g.D * g.LX), gb(g.D * g.LX),
+        P(k2 * g.LX), dS(k2 * g.LX), acc(g.D * XB), delta(g.Wop), lrow(g.Wop);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bn = task / groups, grp = task % groups;
       const int64_t b = bn / g.N, n = bn % g.N;
       const int64_t blk0 = grp * g.nblk / groups, blk1 = (grp + 1) * g.nblk / groups;
-      T* dk_bn = grp == 0 ? dk.data_ptr<T>() + bn * slab_size : dk_parts.data_ptr<T>() + ((grp - 1) * g.B * g.N + bn) * slab_size;
-      T* dv_bn = grp == 0 ? dv.data_ptr<T>() + bn * slab_size : dv_parts.data_ptr<T>() + ((grp - 1) * g.B * g.N + bn) * slab_size;
+      T* dk_bn = grp == 0 ? dk.data_ptr<T>() + bn * slab_size
+                          : dk_parts.data_ptr<T>() + ((grp - 1) * g.B * g.N + bn) * slab_size;
+      T* dv_bn = grp == 0 ? dv.data_ptr<T>() + bn * slab_size
+                          : dv_parts.data_ptr<T>() + ((grp - 1) * g.B * g.N + bn) * slab_size;
       T* dq_bn = dq.data_ptr<T>() + bn * slab_size;
-      const Slab<T> qs = slab<T>(q, b, n), kslab = slab<T>(k, b, n), vslab = slab<T>(v, b, n);
-      const Slab<T> gs = slab<T>(dout, b, n), os = slab<T>(out, b, n);
+      const Slab<T> qs = slab<T>(q, b, n), gs = slab<T>(dout, b, n), os = slab<T>(out, b, n);
       const T* lse_bn = lse.data_ptr<T>() + bn * g.Ho * g.Wo;
       Slab<T> pslab{};
       if (pos != nullptr) pslab = slab<T>(*pos, b, n);
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int64_t yo0 = blk * g.R, yo1 = std::min(g.Ho, yo0 + g.R);
         const int64_t nrows = g.rows(yo0, yo1);
-        fill_rows<T>(ks.data(), kslab, pos != nullptr ? &pslab : nullptr, yo0, nrows, g);
-        fill_rows<T>(vs.data(), vslab, nullptr, yo0, nrows, g);
+        fill_rows<T>(ks.data(), slab<T>(k, b, n), pos != nullptr ? &pslab : nullptr, yo0, nrows, g);
+        fill_rows<T>(vs.data(), slab<T>(v, b, n), nullptr, yo0, nrows, g);
         std::fill(dks.begin(), dks.begin() + nrows * g.D * g.LR, T(0));
         std::fill(dvs.begin(), dvs.begin() + nrows * g.D * g.LR, T(0));
         for (int64_t yo = yo0; yo < yo1; ++yo) {
           load_row<T>(qb.data(), qs, yo * g.s, g.s, scale, g);
           load_row<T>(gb.data(), gs, yo, 1, T(1), g);
-          for (int64_t j = 0; j < g.Wop; ++j) delta[j] = T(0), lrow[j] = T(0);
+          std::fill(delta.begin(), delta.end(), T(0));
+          std::fill(lrow.begin(), lrow.end(), T(0));
           for (int64_t d = 0; d < g.D; ++d) {
             const T* o = os.at(d, yo);
-            const T* gd = gb.data() + d * g.Wop;
-            for (int64_t j = 0; j < g.Wo; ++j) delta[j] += gd[j] * o[j];
+            const T* gd = gb.data() + d * g.LX + g.PL;
+            for (int64_t j = 0; j < g.Wo; ++j) delta[j] += gd[j] * o[j];  // sum_j A_ij dA_ij = dO_i . O_i
           }
           for (int64_t j = 0; j < g.Wo; ++j) lrow[j] = lse_bn[yo * g.Wo + j];
           const int64_t row_off = (yo - yo0) * g.s * g.D * g.LR;
           for (int64_t x0 = 0; x0 < g.Wo; x0 += XB) {
             const int64_t nv = std::min<int64_t>(XB, g.Wo - x0);
-            T mask[XB];
+            Vec<T> mask;
             for (int j = 0; j < XB; ++j) mask[j] = j < nv ? T(1) : T(0);
-            window_dots<T>(qb.data() + x0, g.Wop, ks.data() + row_off + x0, g, P.data());  // logits
-            window_dots<T>(gb.data() + x0, g.Wop, vs.data() + row_off + x0, g, dS.data());  // dP = dO . v
-            const T* lx = lrow.data() + x0;
-            const T* dx = delta.data() + x0;
+            T* Pc = P.data() + g.PL + x0;
+            T* Sc = dS.data() + g.PL + x0;
+            window_dots<T>(qb.data() + g.PL + x0, g.LX, ks.data() + row_off + x0, g, Pc, g.LX);  // logits
+            window_dots<T>(gb.data() + g.PL + x0, g.LX, vs.data() + row_off + x0, g, Sc, g.LX);  // dA = dO . v
+            const Vec<T> lx = loadu(lrow.data() + x0), dx = loadu(delta.data() + x0);
             for (int64_t t = 0; t < k2; ++t) {
-              T* pt = P.data() + t * XB;
-              T* st = dS.data() + t * XB;
-#pragma GCC unroll 8
-              for (int j = 0; j < XB; ++j) {
-                const T a = exp_poly(pt[j] - lx[j]) * mask[j];
-                pt[j] = a;
-                st[j] = a * (st[j] - dx[j]);  // d logit = A (dA - delta)
-              }
+              const Vec<T> a = vexp(loadu(Pc + t * g.LX) - lx) * mask;
+              storeu(Pc + t * g.LX, a);
+              storeu(Sc + t * g.LX, a * (loadu(Sc + t * g.LX) - dx));  // d logit = A (dA - delta)
             }
             // dq (at the strided query positions) = scale * sum_t dS_t k'_t
-            window_weighted<T>(dS.data(), ks.data() + row_off + x0, g, acc.data());
+            window_weighted<T>(Sc, g.LX, ks.data() + row_off + x0, g, acc.data());
             for (int64_t d = 0; d < g.D; ++d) {
               T* o = dq_bn + (d * g.H + yo * g.s) * g.W + x0 * g.s;
               for (int64_t j = 0; j < nv; ++j) o[j * g.s] = scale * acc[d * XB + j];
             }
-            // dk'_t += dS_t (scale q), dv_t += A_t dO, into the scratch
-            for (int64_t tr = 0; tr < g.k; ++tr) {
-              T* dk_lines = dks.data() + row_off + tr * g.D * g.LR + x0;
-              T* dv_lines = dvs.data() + row_off + tr * g.D * g.LR + x0;
-              for (int64_t d = 0; d < g.D; ++d) {
-                const T* qd = qb.data() + d * g.Wop + x0;
-                const T* gd = gb.data() + d * g.Wop + x0;
-                T* dkd = dk_lines + d * g.LR;
-                T* dvd = dv_lines + d * g.LR;
-                for (int64_t u = 0; u < g.k; ++u) {
-                  const T* st = dS.data() + (tr * g.k + u) * XB;
-                  const T* pt = P.data() + (tr * g.k + u) * XB;
-                  T* dku = dkd + g.off[u];
-                  T* dvu = dvd + g.off[u];
-#pragma GCC unroll 8
-                  for (int j = 0; j < XB; ++j) {
-                    dku[j] += st[j] * qd[j];
-                    dvu[j] += pt[j] * gd[j];
-                  }
-                }
-              }
-            }
           }
+          // dk'_t += dS_t (scale q), dv_t += A_t dO, into the scratch
+          window_scatter<T>(dS.data(), qb.data(), dks.data() + row_off, g);
+          window_scatter<T>(P.data(), gb.data(), dvs.data() + row_off, g);
         }
         fold_rows<T>(dk_bn, dks.data(), yo0, nrows, g);
         fold_rows<T>(dv_bn, dvs.data(), yo0, nrows, g);
