@@ -10,8 +10,8 @@
 // Layout of the work. One task owns a block of output rows of one (batch, head). It copies the key / value rows its
 // windows touch into a small scratch (reflected rows and columns resolved once, p subtracted there), split by column
 // phase (column c of the padded row goes to phase c % s, slot c / s), so that for window column offset u the keys
-// of consecutive queries are consecutive in memory at every stride. Queries are then handled XB at a time along the
-// output row: the k * k logits of XB queries stay in L1, the softmax and its log-sum-exp follow, and the output is
+// of consecutive queries are consecutive in memory at every stride. Queries are then handled one SIMD vector at a
+// time along the output row: the k * k logits of those queries stay in L1, the softmax and its log-sum-exp follow, and the output is
 // accumulated from the same scratch. Only the log-sum-exp (B, N, Ho, Wo) is kept for the backward, which recomputes
 // the weights (FlashAttention) for a whole output row, then accumulates dk / dv into the scratch slot by slot (each
 // scratch vector is loaded and stored once per window row, so no store has to be forwarded to an overlapping load),
@@ -40,7 +40,7 @@
 namespace acmix_cpp {
 namespace {
 
-constexpr int XB = 8;           // queries per block along the output row (one AVX2 float vector)
+constexpr int XB = 8;           // row lengths are padded to a multiple of XB (a multiple of every lane count)
 constexpr int UBMAX = 8;        // window columns whose logits are accumulated together
 constexpr int DB = 4;           // channels accumulated together in the weighted sums
 constexpr int64_t kScratchBytes = 384 * 1024;  // target size of one task's row scratch (fits in L2)
@@ -65,6 +65,7 @@ struct Geom {
   int64_t nblk;  // blocks per (b, n)
   std::vector<int64_t> col;  // (s * M): real column of phase c / M, slot c % M
   std::vector<int64_t> off;  // (k): offset of window column u inside a scratch line: (u % s) * M + u / s
+  std::vector<int64_t> need; // (s): slots of phase ph that some real query's window reads; the rest hold zeros
 
   Geom(const at::Tensor& q, int64_t kernel, int64_t stride, int64_t arrays, int64_t elem) {
     B = q.size(0), N = q.size(1), D = q.size(2), H = q.size(3), W = q.size(4);
@@ -80,6 +81,9 @@ struct Geom {
       for (int64_t m = 0; m < M; ++m) col[ph * M + m] = reflect(m * s + ph - pad, W);
     off.resize(k);
     for (int64_t u = 0; u < k; ++u) off[u] = (u % s) * M + u / s;
+    need.resize(s);
+    const int64_t last_col = (Wo - 1) * s + k - 1;  // last padded column of the last query's window
+    for (int64_t ph = 0; ph < s; ++ph) need[ph] = ph > last_col ? 0 : std::min(M, (last_col - ph) / s + 1);
     // as many rows per block as keep `arrays` scratch arrays within kScratchBytes, at most 16
     const int64_t line = D * LR * elem * arrays;
     const int64_t rows_fit = std::max<int64_t>(kScratchBytes / std::max<int64_t>(line, 1), 1);
@@ -103,21 +107,77 @@ Slab<T> slab(const at::Tensor& t, int64_t b, int64_t n) {
   return {t.data_ptr<T>() + b * t.stride(0) + n * t.stride(1), t.stride(2), t.stride(3)};
 }
 
+// Slots [lo, hi) of a scratch line whose columns m * s + ph - pad lie inside the map for every phase ph: there the
+// copy is a plain (interleaved for s = 2) strided one that the compiler vectorises; the rest goes through g.col.
+inline void interior_slots(const Geom& g, int64_t& lo, int64_t& hi) {
+  int64_t need = g.M;
+  for (int64_t n : g.need) need = std::min(need, n);
+  lo = std::min((g.pad + g.s - 1) / g.s, need);  // m * s - pad >= 0
+  const int64_t last = g.W - g.s + g.pad;        // m * s + s - 1 - pad <= W - 1
+  hi = last < 0 ? lo : std::max(lo, std::min(need, last / g.s + 1));
+}
+
+// One (row, channel) line of the scratch: out[ph * M + m] = in[reflect(m * s + ph - pad)] (- pin[...]) for the
+// slots some query reads, zero for the rest (lanes past the row's end read them, and their results are dropped).
+template <typename T, int S>
+inline void fill_line(T* __restrict out, const T* __restrict in, const T* __restrict pin, const Geom& g, int64_t lo,
+                      int64_t hi) {
+  const int64_t s = S > 0 ? S : g.s, M = g.M, pad = g.pad;
+  const int64_t* col = g.col.data();
+  if (pin != nullptr) {
+    for (int64_t m = lo; m < hi; ++m)
+#pragma GCC unroll 4
+      for (int64_t ph = 0; ph < s; ++ph) out[ph * M + m] = in[m * s + ph - pad] - pin[m * s + ph - pad];
+  } else {
+    for (int64_t m = lo; m < hi; ++m)
+#pragma GCC unroll 4
+      for (int64_t ph = 0; ph < s; ++ph) out[ph * M + m] = in[m * s + ph - pad];
+  }
+  for (int64_t ph = 0; ph < s; ++ph) {
+    T* o = out + ph * M;
+    const int64_t* c = col + ph * M;
+    const int64_t need = g.need[ph];
+    for (int64_t m = 0; m < std::min(lo, need); ++m) o[m] = in[c[m]] - (pin ? pin[c[m]] : T(0));
+    for (int64_t m = hi; m < need; ++m) o[m] = in[c[m]] - (pin ? pin[c[m]] : T(0));
+    for (int64_t m = std::max(hi, need); m < M; ++m) o[m] = T(0);
+  }
+}
+
+// Adjoint of fill_line: out[reflect(m * s + ph - pad)] += in[ph * M + m] over the slots that were read.
+template <typename T, int S>
+inline void fold_line(T* __restrict out, const T* __restrict in, const Geom& g, int64_t lo, int64_t hi) {
+  const int64_t s = S > 0 ? S : g.s, M = g.M, pad = g.pad;
+  const int64_t* col = g.col.data();
+  for (int64_t m = lo; m < hi; ++m)
+#pragma GCC unroll 4
+    for (int64_t ph = 0; ph < s; ++ph) out[m * s + ph - pad] += in[ph * M + m];
+  for (int64_t ph = 0; ph < s; ++ph) {
+    const T* i = in + ph * M;
+    const int64_t* c = col + ph * M;
+    const int64_t need = g.need[ph];
+    for (int64_t m = 0; m < std::min(lo, need); ++m) out[c[m]] += i[m];
+    for (int64_t m = hi; m < need; ++m) out[c[m]] += i[m];
+  }
+}
+
 // Copy the rows [yo0 * s, yo0 * s + nrows) of the padded (reflected) map of one (b, n) slab into the scratch
 // (nrows, D, s, M), subtracting the position map when given.
 template <typename T>
 void fill_rows(T* dst, const Slab<T>& src, const Slab<T>* pos, int64_t yo0, int64_t nrows, const Geom& g) {
-  const int64_t* col = g.col.data();
+  int64_t lo, hi;
+  interior_slots(g, lo, hi);
   for (int64_t i = 0; i < nrows; ++i) {
     const int64_t r = reflect(yo0 * g.s + i - g.pad, g.H);
     for (int64_t d = 0; d < g.D; ++d) {
       T* out = dst + (i * g.D + d) * g.LR;
       const T* in = src.at(d, r);
-      if (pos != nullptr) {
-        const T* pin = pos->at(d, r);
-        for (int64_t c = 0; c < g.LR; ++c) out[c] = in[col[c]] - pin[col[c]];
+      const T* pin = pos != nullptr ? pos->at(d, r) : nullptr;
+      if (g.s == 1) {
+        fill_line<T, 1>(out, in, pin, g, lo, hi);
+      } else if (g.s == 2) {
+        fill_line<T, 2>(out, in, pin, g, lo, hi);
       } else {
-        for (int64_t c = 0; c < g.LR; ++c) out[c] = in[col[c]];
+        fill_line<T, 0>(out, in, pin, g, lo, hi);
       }
     }
   }
@@ -126,26 +186,37 @@ void fill_rows(T* dst, const Slab<T>& src, const Slab<T>* pos, int64_t yo0, int6
 // Adjoint of fill_rows: add the scratch (nrows, D, s, M) onto the real (D, H, W) slab through the reflection.
 template <typename T>
 void fold_rows(T* dst, const T* src, int64_t yo0, int64_t nrows, const Geom& g) {
-  const int64_t* col = g.col.data();
+  int64_t lo, hi;
+  interior_slots(g, lo, hi);
   for (int64_t i = 0; i < nrows; ++i) {
     const int64_t r = reflect(yo0 * g.s + i - g.pad, g.H);
     for (int64_t d = 0; d < g.D; ++d) {
       const T* in = src + (i * g.D + d) * g.LR;
       T* out = dst + (d * g.H + r) * g.W;
-      for (int64_t c = 0; c < g.LR; ++c) out[col[c]] += in[c];
+      if (g.s == 1) {
+        fold_line<T, 1>(out, in, g, lo, hi);
+      } else if (g.s == 2) {
+        fold_line<T, 2>(out, in, g, lo, hi);
+      } else {
+        fold_line<T, 0>(out, in, g, lo, hi);
+      }
     }
   }
 }
 
-// XB lanes of T as one value (GCC / Clang vector extension): the compiler maps it onto the host's SIMD registers
-// (one AVX2 register for float, two for double; SSE / NEON registers elsewhere), so the register-blocked kernels
-// below are explicit about what stays in registers instead of relying on the auto-vectoriser.
+// 32 bytes of T as one value (GCC / Clang vector extension): the compiler maps it onto the host's SIMD registers
+// (one AVX2 register; two SSE / NEON registers elsewhere), so the register-blocked kernels below are explicit about
+// what stays in registers instead of relying on the auto-vectoriser. NL<T> queries are handled at once.
+constexpr int kVecBytes = 32;
 template <typename T>
 struct Lanes {
-  typedef T type __attribute__((vector_size(XB * sizeof(T))));
+  typedef T type __attribute__((vector_size(kVecBytes)));
 };
 template <typename T>
 using Vec = typename Lanes<T>::type;
+template <typename T>
+constexpr int NL = kVecBytes / sizeof(T);
+static_assert(XB % NL<float> == 0 && XB % NL<double> == 0, "XB must be a multiple of the lane counts");
 
 template <typename T>
 inline Vec<T> loadu(const T* p) {
@@ -163,11 +234,11 @@ template <typename T>
 struct IntLanes;
 template <>
 struct IntLanes<float> {
-  typedef int32_t type __attribute__((vector_size(XB * sizeof(float))));
+  typedef int32_t type __attribute__((vector_size(kVecBytes)));
 };
 template <>
 struct IntLanes<double> {
-  typedef int64_t type __attribute__((vector_size(XB * sizeof(double))));
+  typedef int64_t type __attribute__((vector_size(kVecBytes)));
 };
 
 template <typename V, typename From>
@@ -190,7 +261,7 @@ inline Vec<T> vclamp(const Vec<T>& x, T lo, T hi) {
   return y > h ? h : y;
 }
 
-// e^x for XB lanes of the softmax (inputs <= 0), all in SIMD registers: a scalar libm call per logit would cost more
+// e^x for the lanes of the softmax (inputs <= 0), all in SIMD registers: a scalar libm call per logit would cost more
 // than the dot products. Cody-Waite reduction x = n ln2 + r with n rounded to nearest by the 1.5 * 2^mantissa trick
 // (which also leaves n in the low bits), a polynomial for e^r on [-ln2/2, ln2/2] (Cephes expf / exp), and 2^n
 // written into the exponent bits. Relative error ~1 ulp; x is clamped to where 2^n stays normal.
@@ -230,7 +301,7 @@ inline Vec<double> vexp(Vec<double> x) {
   return y * bitcast<V>((ni + 1023) << 52);
 }
 
-// out[u] = sum_d a[d] * line_d[off[u]] (XB queries at once) for UB window columns: a is (D, lda) at the block's
+// out[u] = sum_d a[d] * line_d[off[u]] (NL<T> queries at once) for UB window columns: a is (D, lda) at the block's
 // first query, lines is the scratch at (row, channel 0) shifted to the block's first query.
 template <typename T, int UB>
 inline void dot_block(const T* __restrict a, int64_t lda, const T* __restrict lines, int64_t LR, int64_t D,
@@ -249,7 +320,7 @@ inline void dot_block(const T* __restrict a, int64_t lda, const T* __restrict li
   for (int u = 0; u < UB; ++u) storeu(out + u * ldo, acc[u]);
 }
 
-// S[t] = sum_d a[d] * scratch[window position t][d] (XB queries at once) for the k * k window positions
+// S[t] = sum_d a[d] * scratch[window position t][d] (NL<T> queries at once) for the k * k window positions
 // t = tr * k + u; rows is the scratch at the query row's first window row, shifted to the block's first query.
 template <typename T>
 void window_dots(const T* a, int64_t lda, const T* rows, const Geom& g, T* S, int64_t lds) {
@@ -273,7 +344,7 @@ void window_dots(const T* a, int64_t lda, const T* rows, const Geom& g, T* S, in
   }
 }
 
-// out[e] = sum_t P[t] * scratch[window position t][d0 + e] (XB queries at once) for NB channels.
+// out[e] = sum_t P[t] * scratch[window position t][d0 + e] (NL<T> queries at once) for NB channels.
 template <typename T, int NB>
 inline void weighted_block(const T* __restrict P, int64_t ldp, const T* __restrict rows, const Geom& g, int64_t d0,
                            T* __restrict out) {
@@ -293,23 +364,23 @@ inline void weighted_block(const T* __restrict P, int64_t ldp, const T* __restri
     }
   }
 #pragma GCC unroll 4
-  for (int e = 0; e < NB; ++e) storeu(out + e * XB, acc[e]);
+  for (int e = 0; e < NB; ++e) storeu(out + e * NL<T>, acc[e]);
 }
 
-// out[d] = sum_t P[t] * scratch[window position t][d] for every channel; out is (D, XB).
+// out[d] = sum_t P[t] * scratch[window position t][d] for every channel; out is (D, NL<T>).
 template <typename T>
 void window_weighted(const T* P, int64_t ldp, const T* rows, const Geom& g, T* out) {
   int64_t d0 = 0;
-  for (; d0 + DB <= g.D; d0 += DB) weighted_block<T, DB>(P, ldp, rows, g, d0, out + d0 * XB);
+  for (; d0 + DB <= g.D; d0 += DB) weighted_block<T, DB>(P, ldp, rows, g, d0, out + d0 * NL<T>);
   switch (g.D - d0) {
-    case 1: weighted_block<T, 1>(P, ldp, rows, g, d0, out + d0 * XB); break;
-    case 2: weighted_block<T, 2>(P, ldp, rows, g, d0, out + d0 * XB); break;
-    case 3: weighted_block<T, 3>(P, ldp, rows, g, d0, out + d0 * XB); break;
+    case 1: weighted_block<T, 1>(P, ldp, rows, g, d0, out + d0 * NL<T>); break;
+    case 2: weighted_block<T, 2>(P, ldp, rows, g, d0, out + d0 * NL<T>); break;
+    case 3: weighted_block<T, 3>(P, ldp, rows, g, d0, out + d0 * NL<T>); break;
     default: break;
   }
 }
 
-// Slot-stationary accumulation into one scratch phase: for the XB slots m of every channel d,
+// Slot-stationary accumulation into one scratch phase: for the NL<T> slots m of every channel d,
 //   target[d][m] += sum_i w[i][m - i] * x[d][m - i]
 // where w[i] is the weight row of the i-th window column of this phase (its slot shift is i). The NU weight vectors
 // stay in registers while the channels stream through; every target vector is loaded and stored once.
@@ -342,7 +413,7 @@ void window_scatter(const T* W, const T* X, T* rows, const Geom& g) {
         const int64_t wstep = s * LX;
         const T* w = W + (tr * k + ph + i0 * s) * LX + g.PL - i0;
         const T* x = X + g.PL - i0;
-        for (int64_t m0 = 0; m0 < g.M; m0 += XB) {
+        for (int64_t m0 = 0; m0 < g.M; m0 += NL<T>) {
           T* target = lines + ph * g.M + m0;
           switch (std::min<int64_t>(nu - i0, UBMAX)) {
             case 1: scatter_block<T, 1>(w + m0, wstep, x + m0, LX, target, g.LR, g.D); break;
@@ -379,7 +450,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   T* lse_ptr = lse.data_ptr<T>();
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     const int64_t scratch = g.rows(0, g.R) * g.D * g.LR;
-    std::vector<T> ks(scratch), vs(scratch), qb(g.D * g.LX), S(k2 * XB), acc(g.D * XB);
+    std::vector<T> ks(scratch), vs(scratch), qb(g.D * g.LX), S(k2 * NL<T>), acc(g.D * NL<T>);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bn = task / g.nblk, blk = task % g.nblk;
       const int64_t b = bn / g.N, n = bn % g.N;
@@ -395,21 +466,21 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       for (int64_t yo = yo0; yo < yo1; ++yo) {
         load_row<T>(qb.data(), qs, yo * g.s, g.s, scale, g);
         const int64_t row_off = (yo - yo0) * g.s * g.D * g.LR;
-        for (int64_t x0 = 0; x0 < g.Wo; x0 += XB) {
-          window_dots<T>(qb.data() + g.PL + x0, g.LX, ks.data() + row_off + x0, g, S.data(), XB);
+        for (int64_t x0 = 0; x0 < g.Wo; x0 += NL<T>) {
+          window_dots<T>(qb.data() + g.PL + x0, g.LX, ks.data() + row_off + x0, g, S.data(), NL<T>);
           Vec<T> mx = loadu(S.data()), sum{};
-          for (int64_t t = 1; t < k2; ++t) mx = vmax<T>(mx, loadu(S.data() + t * XB));
+          for (int64_t t = 1; t < k2; ++t) mx = vmax<T>(mx, loadu(S.data() + t * NL<T>));
           for (int64_t t = 0; t < k2; ++t) {
-            const Vec<T> e = vexp(loadu(S.data() + t * XB) - mx);
-            storeu(S.data() + t * XB, e);
+            const Vec<T> e = vexp(loadu(S.data() + t * NL<T>) - mx);
+            storeu(S.data() + t * NL<T>, e);
             sum += e;
           }
-          window_weighted<T>(S.data(), XB, vs.data() + row_off + x0, g, acc.data());
-          const int64_t nv = std::min<int64_t>(XB, g.Wo - x0);
+          window_weighted<T>(S.data(), NL<T>, vs.data() + row_off + x0, g, acc.data());
+          const int64_t nv = std::min<int64_t>(NL<T>, g.Wo - x0);
           const Vec<T> inv = T(1) / sum;
           for (int64_t j = 0; j < nv; ++j) lse_bn[yo * g.Wo + x0 + j] = mx[j] + std::log(sum[j]);
           for (int64_t d = 0; d < g.D; ++d) {
-            const Vec<T> o = loadu(acc.data() + d * XB) * inv;
+            const Vec<T> o = loadu(acc.data() + d * NL<T>) * inv;
             T* dst = out_bn + (d * g.Ho + yo) * g.Wo + x0;
             for (int64_t j = 0; j < nv; ++j) dst[j] = o[j];
           }
@@ -431,7 +502,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
     const int64_t scratch = g.rows(0, g.R) * g.D * g.LR;
     // row buffers (PL zeros, then the row): scaled queries, output gradient, weights A and logit gradients dS
     std::vector<T> ks(scratch), vs(scratch), dks(scratch), dvs(scratch), qb(g.D * g.LX), gb(g.D * g.LX),
-        P(k2 * g.LX), dS(k2 * g.LX), acc(g.D * XB), delta(g.Wop), lrow(g.Wop);
+        P(k2 * g.LX), dS(k2 * g.LX), acc(g.D * NL<T>), delta(g.Wop), lrow(g.Wop);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bn = task / groups, grp = task % groups;
       const int64_t b = bn / g.N, n = bn % g.N;
@@ -464,10 +535,10 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
           }
           for (int64_t j = 0; j < g.Wo; ++j) lrow[j] = lse_bn[yo * g.Wo + j];
           const int64_t row_off = (yo - yo0) * g.s * g.D * g.LR;
-          for (int64_t x0 = 0; x0 < g.Wo; x0 += XB) {
-            const int64_t nv = std::min<int64_t>(XB, g.Wo - x0);
+          for (int64_t x0 = 0; x0 < g.Wo; x0 += NL<T>) {
+            const int64_t nv = std::min<int64_t>(NL<T>, g.Wo - x0);
             Vec<T> mask;
-            for (int j = 0; j < XB; ++j) mask[j] = j < nv ? T(1) : T(0);
+            for (int j = 0; j < NL<T>; ++j) mask[j] = j < nv ? T(1) : T(0);
             T* Pc = P.data() + g.PL + x0;
             T* Sc = dS.data() + g.PL + x0;
             window_dots<T>(qb.data() + g.PL + x0, g.LX, ks.data() + row_off + x0, g, Pc, g.LX);  // logits
@@ -482,7 +553,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             window_weighted<T>(Sc, g.LX, ks.data() + row_off + x0, g, acc.data());
             for (int64_t d = 0; d < g.D; ++d) {
               T* o = dq_bn + (d * g.H + yo * g.s) * g.W + x0 * g.s;
-              for (int64_t j = 0; j < nv; ++j) o[j * g.s] = scale * acc[d * XB + j];
+              for (int64_t j = 0; j < nv; ++j) o[j * g.s] = scale * acc[d * NL<T> + j];
             }
           }
           // dk'_t += dS_t (scale q), dv_t += A_t dO, into the scratch
