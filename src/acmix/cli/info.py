@@ -1,4 +1,8 @@
-"""``acmix info``: versions, devices and local-attention backends."""
+"""``acmix info``: versions, devices and local-attention backends.
+
+The ``cpp`` backend is compiled on first use; ``info`` reports its build state (built and cached, not built yet,
+or why it cannot run) without starting a build.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import platform
 import torch
 
 from ..ops import backend_status, choose_backend
+from ..ops._backends import cpp
 from ..version import __version__
 
 
@@ -29,6 +34,7 @@ def collect_info() -> dict[str, object]:
         "devices": devices,
         "backends": [{"name": n, "runnable_on_cpu": ok, "reason": why} for n, ok, why in backend_status(sample)],
         "default_backend_cpu": choose_backend(sample).name,
+        "cpp_extension": cpp.build_state(),  # never builds: says "not built yet" instead
     }
 
 
