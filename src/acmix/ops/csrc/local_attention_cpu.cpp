@@ -42,7 +42,7 @@ namespace {
 
 constexpr int XB = 8;           // row lengths are padded to a multiple of XB (a multiple of every lane count)
 constexpr int UBMAX = 8;        // window columns whose logits are accumulated together
-constexpr int DB = 4;           // channels accumulated together in the weighted sums
+constexpr int DB = 8;           // channels accumulated together in the weighted sums (independent FMA chains)
 constexpr int64_t kScratchBytes = 384 * 1024;  // target size of one task's row scratch (fits in L2)
 
 inline int64_t reflect(int64_t i, int64_t n) {
@@ -349,7 +349,7 @@ template <typename T, int NB>
 inline void weighted_block(const T* __restrict P, int64_t ldp, const T* __restrict rows, const Geom& g, int64_t d0,
                            T* __restrict out) {
   Vec<T> acc[NB];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int e = 0; e < NB; ++e) acc[e] = Vec<T>{};
   const int64_t k = g.k, LR = g.LR;
   const int64_t* off = g.off.data();
@@ -359,11 +359,11 @@ inline void weighted_block(const T* __restrict P, int64_t ldp, const T* __restri
     for (int64_t u = 0; u < k; ++u) {
       const Vec<T> pu = loadu(pr + u * ldp);
       const T* lu = lines + off[u];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int e = 0; e < NB; ++e) acc[e] += pu * loadu(lu + e * LR);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int e = 0; e < NB; ++e) storeu(out + e * NL<T>, acc[e]);
 }
 
@@ -372,10 +372,15 @@ template <typename T>
 void window_weighted(const T* P, int64_t ldp, const T* rows, const Geom& g, T* out) {
   int64_t d0 = 0;
   for (; d0 + DB <= g.D; d0 += DB) weighted_block<T, DB>(P, ldp, rows, g, d0, out + d0 * NL<T>);
+  T* o = out + d0 * NL<T>;
   switch (g.D - d0) {
-    case 1: weighted_block<T, 1>(P, ldp, rows, g, d0, out + d0 * NL<T>); break;
-    case 2: weighted_block<T, 2>(P, ldp, rows, g, d0, out + d0 * NL<T>); break;
-    case 3: weighted_block<T, 3>(P, ldp, rows, g, d0, out + d0 * NL<T>); break;
+    case 1: weighted_block<T, 1>(P, ldp, rows, g, d0, o); break;
+    case 2: weighted_block<T, 2>(P, ldp, rows, g, d0, o); break;
+    case 3: weighted_block<T, 3>(P, ldp, rows, g, d0, o); break;
+    case 4: weighted_block<T, 4>(P, ldp, rows, g, d0, o); break;
+    case 5: weighted_block<T, 5>(P, ldp, rows, g, d0, o); break;
+    case 6: weighted_block<T, 6>(P, ldp, rows, g, d0, o); break;
+    case 7: weighted_block<T, 7>(P, ldp, rows, g, d0, o); break;
     default: break;
   }
 }
