@@ -637,7 +637,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> local_attention_bwd(
   const at::Tensor dout = unit_last(grad_out.to(q.scalar_type()));
   const at::Tensor out = unit_last(out_in.to(q.scalar_type()));
   const at::Tensor lse = lse_in.to(q.scalar_type()).contiguous();
-  at::Tensor dq = at::zeros(q.sizes(), q.options());
+  // at stride 1 every query position is written; otherwise the positions between queries get no gradient
+  at::Tensor dq = stride == 1 ? at::empty(q.sizes(), q.options()) : at::zeros(q.sizes(), q.options());
   at::Tensor dk = at::zeros(q.sizes(), q.options());
   at::Tensor dv = at::zeros(q.sizes(), q.options());
   if (q.numel() == 0) return {dq, dk, dv};
