@@ -38,7 +38,7 @@ def _category(name: str, shapes: list, channels: int, heads: int) -> str:
     if "acmix_cpp" in name:
         # torch.library's autograd wrapper of the forward op is GeneratedBackwardFor_acmix_cpp_..._fwd_default (its
         # forward call) and ..._defaultBackward (its backward node, which calls local_attention_bwd)
-        if "bwd" in name or "Backward" in name:
+        if "bwd" in name or name.endswith("Backward") or "evaluate_function" in name:
             return "attention bwd"
         return "attention fwd"
     flat = [tuple(s) for s in shapes if isinstance(s, (list, tuple)) and s and all(isinstance(x, int) for x in s)]
