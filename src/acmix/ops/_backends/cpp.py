@@ -177,7 +177,9 @@ def load_library() -> bool:
                 _STATE.path = _compile_and_load()
                 _register_python_kernels()
             except Exception as exc:  # noqa: BLE001 -- any build or load failure means: fall back
-                ok, reason = False, f"build failed: {type(exc).__name__}: {str(exc).strip().splitlines()[-1:]}"
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                ok, reason = False, f"build failed: {type(exc).__name__}: {first} (ACMIX_LOG_LEVEL=DEBUG for the log)"
+                _logger.debug("cpp backend build log:\n%s", exc)
         if ok:
             _STATE.status = "loaded"
             _logger.debug("cpp backend loaded from %s", _STATE.path)
