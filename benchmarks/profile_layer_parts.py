@@ -1,6 +1,6 @@
 """Where the time of one ACmix layer step (forward + backward) goes: torch.profiler, grouped into the layer's parts.
 
-    .venv/bin/python benchmarks/profile_layer.py --threads 2 --backend cpp [--channels 64 --size 56 --stride 1]
+    .venv/bin/python benchmarks/profile_layer_parts.py --threads 2 --backend cpp [--channels 64 --size 56 --stride 1]
 
 Parts (self CPU time of the profiled ops, summed; categories from the op name and its input shapes):
 ``projections`` (the fused q/k/v 1 x 1 conv, forward and backward), ``attention fwd`` / ``attention bwd`` (the
