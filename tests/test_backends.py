@@ -11,6 +11,7 @@ import torch
 from acmix import ops
 from acmix.layers import ACmix
 from acmix.ops import local_aggregate, local_aggregate_reference, local_attention, local_attention_reference
+from acmix.ops._backends.cpp import can_run_cpp
 from acmix.ops._backends.flex import local_attention_flex
 
 #: (forward atol, backward atol) against the float64 reference of the same (rounded) inputs; rtol = atol.
@@ -175,9 +176,14 @@ def test_layer_default_backend_matches_reference_all_gradients(stride, hw):
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-def test_auto_choice_on_cpu_is_tiled():
-    assert ops.choose_backend(torch.randn(1, 2, 16, 8, 8)).name == "tiled"
-    assert ops.choose_backend(torch.randn(1, 2, 4, 8, 8, dtype=torch.float64)).name == "tiled"
+def _cpu_default(q: torch.Tensor) -> str:
+    """``cpp`` where this machine can build it (tests/test_cpp_backend.py), else ``tiled``."""
+    return "cpp" if can_run_cpp(q)[0] else "tiled"
+
+
+def test_auto_choice_on_cpu_is_cpp_else_tiled():
+    for q in (torch.randn(1, 2, 16, 8, 8), torch.randn(1, 2, 4, 8, 8, dtype=torch.float64)):
+        assert ops.choose_backend(q).name == _cpu_default(q)
 
 
 def test_env_override_picks_the_named_backend(monkeypatch):
@@ -186,14 +192,14 @@ def test_env_override_picks_the_named_backend(monkeypatch):
     assert ops.choose_backend(q).name == "offset"
     assert ops.choose_backend(q, "reference").name == "reference"  # the argument beats the environment
     monkeypatch.setenv("ACMIX_BACKEND", "auto")
-    assert ops.choose_backend(q).name == "tiled"
+    assert ops.choose_backend(q).name == _cpu_default(q)
 
 
 def test_unknown_backend_lists_every_valid_one():
     q = torch.randn(1, 1, 2, 3, 3)
     with pytest.raises(ValueError, match="unknown backend 'fast'") as info:
         local_attention(q, q, q, 3, backend="fast")
-    for name in ("flex", "tiled", "offset", "reference"):
+    for name in ("flex", "cpp", "tiled", "offset", "reference"):
         assert name in str(info.value)
 
 
@@ -202,7 +208,7 @@ def test_unavailable_optional_backend_degrades_with_logged_reason(caplog):
     q = torch.randn(1, 1, 16, 4, 4)
     with caplog.at_level(logging.DEBUG, logger="acmix"):
         chosen = ops.choose_backend(q)
-    assert chosen.name == "tiled"
+    assert chosen.name == _cpu_default(q)
     skipped = [r.getMessage() for r in caplog.records if "skipping backend 'flex'" in r.getMessage()]
     assert skipped and "CUDA" in skipped[0]
     with pytest.raises(ValueError, match="backend 'flex' cannot run here: .*CUDA"):

@@ -114,7 +114,7 @@ def test_cli_bench_op(tmp_path, capsys):
         ("attention", "tiled"),
         ("attention", "reference"),
         ("proj1x1", "-"),
-        ("acmix", "tiled"),
+        ("acmix", bench_op.default_backend("cpu", "float32", 4, 2)),
     ]
     assert main(["bench", "op", "--shapes", "8x4", "--backends", "nope"]) == 2
     assert "valid backends" in capsys.readouterr().err

@@ -1,4 +1,8 @@
-"""``acmix info``: versions, devices and the backends of both local ops, each with why it can or cannot run."""
+"""``acmix info``: versions, devices and the backends of both local ops, each with why it can or cannot run.
+
+The ``cpp`` backend is compiled on first use; ``info`` reports its build state (built and cached, not built yet,
+or why it cannot run) without starting a build.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import platform
 import torch
 
 from ..ops import choose_aggregate_backend, choose_backend
+from ..ops._backends import cpp
 from ..ops._dispatch import AGGREGATE, ATTENTION, Registry
 from ..version import __version__
 
@@ -58,6 +63,7 @@ def collect_info() -> dict[str, object]:
         "default_backend_cpu": choose_backend(sample).name,
         "aggregate_backends": _backend_rows(AGGREGATE, sample[0], None if sample_cuda is None else sample_cuda[0]),
         "default_aggregate_backend_cpu": choose_aggregate_backend(sample[0]).name,
+        "cpp_extension": cpp.build_state(),  # never builds: says "not built yet" instead
     }
     if sample_cuda is not None:
         info["default_backend_cuda"] = choose_backend(sample_cuda).name

@@ -176,8 +176,10 @@ class ACmix(ConvPathMixin, nn.Module):
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v (B, N, D, H, W) as strided views of the group-ordered projection (B, 3C, H, W)."""
         b, _, h, w = qkv.shape
-        g = qkv.view(b, self.head_dim, 3, self.num_heads, h, w)  # (B, D, 3, N, H, W)
-        q, k, v = (g[:, :, t].transpose(1, 2) for t in range(3))  # (B, N, D, H, W) each
+        parts = qkv.view(b, self.head_dim, 3, self.num_heads, h, w).unbind(2)  # 3 x (B, D, N, H, W)
+        # one unbind (not three selects): its backward stacks dq, dk, dv into one map instead of zero-filling the
+        # whole 3C map once per view and adding the three
+        q, k, v = (t.transpose(1, 2) for t in parts)  # (B, N, D, H, W) each
         return q, k, v
 
     def attention_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -78,11 +78,6 @@ def _bias_map(
     return F.conv2d(ones, wb, None, stride=stride, padding=kc // 2, groups=c_out)
 
 
-def _channels_last_like(t: torch.Tensor) -> bool:
-    """Channels are t's fastest dimension (a channels_last tensor or a channel slice of one), with C > 1."""
-    return t.shape[1] > 1 and t.stride(1) == 1 and t.stride(3) >= t.shape[1]
-
-
 def _check_maps(
     maps: torch.Tensor, head_dim: int, fc_weight: torch.Tensor, group_weight: torch.Tensor, stride: int
 ) -> None:
@@ -145,14 +140,15 @@ def conv_path_maps(
             maps = maps.reshape(b, head_dim, m, h, w).transpose(1, 2).reshape(b, c, h, w)  # channel m * D + d
         f = conv_path_features(maps, head_dim, fc_weight, fc_bias)  # (B, D * k2, H, W)
         return F.conv2d(f, gw, None, stride=stride, padding=kc // 2, groups=head_dim)
-    weight = compose_weight(fc_weight, gw)  # (C_out, M, kc, kc)
+    # the grouped convolution runs channels_last (NHWC): oneDNN's grouped kernels are several times faster there
+    # (B = 8, 3C = 192 -> C = 64, 56 x 56, 16 groups, forward + backward, 1 thread: NCHW 420 ms, NCHW input
+    # converted inside the conv 242 ms, NHWC input 160 ms); an NCHW input is converted by the convolution itself
+    weight = compose_weight(fc_weight, gw).contiguous(memory_format=torch.channels_last)  # (C_out, M, kc, kc)
     x = maps
-    if order == "maps" and _channels_last_like(maps):
-        # one copy straight into channels_last (B, H, W, D, M): the grouped conv then runs NHWC, no conversions
-        x = maps.permute(0, 2, 3, 1).reshape(b, h, w, m, head_dim).transpose(3, 4).reshape(b, h, w, c)
+    if order == "maps":
+        # one copy straight into channels_last (B, H, W, D, M), from either memory format of ``maps``
+        x = maps.reshape(b, m, head_dim, h, w).permute(0, 3, 4, 2, 1).reshape(b, h, w, c)
         x = x.permute(0, 3, 1, 2)  # (B, D * M, H, W) channels_last, channel d * M + m
-    elif order == "maps":
-        x = maps.reshape(b, m, head_dim, h, w).transpose(1, 2).reshape(b, head_dim * m, h, w)  # channel d * M + m
     out = F.conv2d(x, weight, None, stride=stride, padding=kc // 2, groups=head_dim)
     if fc_bias is not None:
         out = out + _bias_map(gw, fc_bias, h, w, stride, out)

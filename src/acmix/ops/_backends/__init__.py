@@ -24,6 +24,7 @@ import torch
 
 from .._dispatch import AGGREGATE, Backend, register_backend
 from .aggregate import local_aggregate_offset
+from .cpp import can_run_cpp, local_attention_cpp
 from .flex import can_run_flex, local_attention_flex
 from .offset import local_attention_offset
 from .tiled import local_attention_tiled
@@ -61,6 +62,15 @@ register_backend(
         priority=40,
         description="FlexAttention, 2-D window mask_mod + log-multiplicity score_mod (compiled, CUDA; opt-in)",
         opt_in=_FLEX_OPT_IN,
+    )
+)
+register_backend(
+    Backend(
+        "cpp",
+        local_attention_cpp,
+        can_run_cpp,
+        priority=35,
+        description="C++ kernel over each query's window only, recomputing backward (CPU; built on first use)",
     )
 )
 register_backend(
@@ -105,6 +115,7 @@ AGGREGATE.register(
 __all__ = [
     "local_aggregate_offset",
     "local_aggregate_triton",
+    "local_attention_cpp",
     "local_attention_flex",
     "local_attention_offset",
     "local_attention_tiled",
