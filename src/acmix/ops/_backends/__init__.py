@@ -44,6 +44,14 @@ def _any(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
+def _not_jit_tracing(q: torch.Tensor) -> tuple[bool, str]:
+    """The TorchScript tracer (``torch.jit.trace``, ``torch.onnx.export(dynamo=False)``, used by ultralytics' export)
+    cannot record these backends' custom autograd Functions; the ``reference`` backend traces."""
+    if torch.jit.is_tracing():
+        return False, "TorchScript tracing cannot record its custom autograd Function (the 'reference' backend can)"
+    return True, ""
+
+
 register_backend(
     Backend(
         "triton",
@@ -77,7 +85,7 @@ register_backend(
     Backend(
         "tiled",
         local_attention_tiled,
-        _any,
+        _not_jit_tracing,
         priority=30,
         description="halo tiles + fused SDPA with a log-multiplicity bias (default on CPU)",
     )
@@ -86,7 +94,7 @@ register_backend(
     Backend(
         "offset",
         local_attention_offset,
-        _any,
+        _not_jit_tracing,
         priority=10,
         description="offset-by-offset loop with a recomputing backward (leanest memory, slow)",
     )
