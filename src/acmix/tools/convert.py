@@ -110,27 +110,32 @@ class ConversionReport:
     def __str__(self) -> str:
         lines = [f"ACmix conversion: {len(self.replaced)} replaced, {len(self.skipped)} convolutions kept"]
         if self.replaced:
-            header = f"  {'module':<36} {'kind':<5} {'in':>5} {'out':>5} {'k':>2} {'s':>2} {'heads':>5} {'params':>21}"
-            with_macs = any(r.macs_before is not None for r in self.replaced)
-            lines.append(header + (f" {'MMACs':>21}" if with_macs else ""))
+            width = max(len("module"), *(len(r.name or "<model>") for r in self.replaced))
+            with_macs = all(r.macs_before is not None and r.macs_after is not None for r in self.replaced)
+            header = f"  {'module':<{width}}  kind    in   out  k  s  heads  {'params: conv -> ACmix':>24}"
+            lines.append(header + (f"  {'MMACs: conv -> ACmix':>22}" if with_macs else ""))
             for r in self.replaced:
                 row = (
-                    f"  {r.name:<36} {r.kind:<5} {r.in_channels:>5} {r.out_channels:>5} {r.kernel_size:>2} "
-                    f"{r.stride:>2} {r.num_heads:>5} {r.params_before:>10,} -> {r.params_after:<7,}"
+                    f"  {r.name or '<model>':<{width}}  {r.kind:<5} {r.in_channels:>5} {r.out_channels:>5} "
+                    f"{r.kernel_size:>2} {r.stride:>2}  {r.num_heads:>5}  "
+                    f"{r.params_before:>11,} -> {r.params_after:>9,}"
                 )
-                if with_macs and r.macs_before is not None and r.macs_after is not None:
-                    row += f" {r.macs_before / 1e6:>10.2f} -> {r.macs_after / 1e6:<7.2f}"
+                if with_macs:
+                    row += f"  {(r.macs_before or 0) / 1e6:>10.2f} -> {(r.macs_after or 0) / 1e6:>8.2f}"
                 lines.append(row)
         by_reason: dict[str, list[str]] = {}
         for s in self.skipped:
-            by_reason.setdefault(s.reason, []).append(s.name)
+            by_reason.setdefault(s.reason, []).append(s.name or "<model>")
         for reason, names in by_reason.items():
             shown = ", ".join(names[:4]) + (f", ... ({len(names)} in all)" if len(names) > 4 else "")
             lines.append(f"  kept ({reason}): {shown}")
         lines.append(f"  params: {self.params_before:,} -> {self.params_after:,}")
         if self.macs_before is not None and self.macs_after is not None and self.input_size is not None:
             h, w = self.input_size
-            lines.append(f"  MACs at {h}x{w}: {self.macs_before / 1e9:.3f} G -> {self.macs_after / 1e9:.3f} G")
+            lines.append(
+                f"  MACs at {h}x{w} (multiply-adds per image): {self.macs_before / 1e9:.3f} G -> "
+                f"{self.macs_after / 1e9:.3f} G"
+            )
         return "\n".join(lines)
 
 
@@ -337,8 +342,11 @@ def convert_model(
         return new
 
     def visit(parent: nn.Module, prefix: str) -> None:
-        for child_name, child in list(parent.named_children()):
+        # every registered child, a module registered twice too (named_children() yields it once)
+        for child_name, child in list(parent._modules.items()):
             name = f"{prefix}.{child_name}" if prefix else child_name
+            if child is None:
+                continue
             if id(child) in done:
                 setattr(parent, child_name, done[id(child)])
             elif isinstance(child, (ACmix, ConvPathMixin)):
