@@ -19,10 +19,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 import torch.nn as nn
 
+#: ultralytics changes these process-wide when it is imported (PIL.Image.open: on an unreadable image it tries to
+#: pip-install a HEIF plugin; torch.save: retries with sleeps; torch and numpy print options); they are put back below
+#: for the rest of the suite, which shares the test processes
+_PIL_OPEN, _TORCH_SAVE, _NP_PRINT = PIL.Image.open, torch.save, np.get_printoptions()
 _CFG_DIR = tempfile.mkdtemp(prefix="acmix-yolo-settings-")
 atexit.register(shutil.rmtree, _CFG_DIR, ignore_errors=True)
 os.environ["YOLO_CONFIG_DIR"] = _CFG_DIR  # before ultralytics is imported: its settings file goes here
@@ -43,6 +48,10 @@ from acmix.integrations.ultralytics import (  # noqa: E402
     model_yaml,
 )
 from acmix.tools import ACmixNormAct  # noqa: E402
+
+PIL.Image.open, torch.save = _PIL_OPEN, _TORCH_SAVE
+np.set_printoptions(**_NP_PRINT)
+torch.set_printoptions(profile="default")
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 #: layer index -> (in, out, stride) of the ACmix layers of the shipped YAMLs at scale n (width 0.25)

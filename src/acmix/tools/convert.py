@@ -7,7 +7,7 @@ conv + norm + act blocks such as ultralytics' ``Conv``, which is replaced as a w
 ``fuse()`` (which folds the norm of its own blocks into their convolution) and export keep working.
 
 Weights: every ACmix layer starts from its own initialisation (:meth:`acmix.ACmix.reset_parameters`); the replaced
-convolution's weights are dropped. No exact mapping exists (``docs/deviations.md``, "Converting a network").
+convolution's weights are dropped. No exact mapping exists (``docs/deviations.md``, "ACmix in other networks").
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 import torch.nn as nn
 
 from ..analysis import walk
@@ -51,7 +52,7 @@ class ACmixNormAct(nn.Module):
         super().__init__()
         self.conv, self.bn, self.act = conv, bn, act
 
-    def forward(self, x: Any) -> Any:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self.conv(x)))
 
 
