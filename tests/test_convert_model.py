@@ -395,3 +395,17 @@ def test_core_package_does_not_need_ultralytics():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "acmix.integrations.ultralytics needs ultralytics" in proc.stdout
     assert "pip install 'acmix[yolo]'" in proc.stdout
+
+
+def test_acmix_through_the_default_onnx_exporter(tmp_path):
+    """torch.onnx.export's default (dynamo) exporter, with the automatic backend choice (no use_backend block)."""
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    layer = ACmix(16, 24, stride=2).eval()
+    x = torch.randn(1, 16, 9, 11)
+    with torch.no_grad():
+        ref = layer(x)
+        torch.onnx.export(layer, (x,), dynamo=True, opset_version=18, input_names=["x"]).save(str(tmp_path / "a.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "a.onnx"), providers=["CPUExecutionProvider"])
+    got = torch.from_numpy(session.run(None, {"x": x.numpy()})[0])
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)

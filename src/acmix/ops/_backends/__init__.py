@@ -20,6 +20,8 @@ ran forward + backward in ~405 ms, against ~170 ms for ``tiled`` with no compile
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._dispatch import AGGREGATE, Backend, register_backend
@@ -44,12 +46,21 @@ def _any(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
 
 
-def _not_jit_tracing(q: torch.Tensor) -> tuple[bool, str]:
-    """The TorchScript tracer (``torch.jit.trace``, ``torch.onnx.export(dynamo=False)``, used by ultralytics' export)
-    cannot record these backends' custom autograd Functions; the ``reference`` backend traces."""
-    if torch.jit.is_tracing():
-        return False, "TorchScript tracing cannot record its custom autograd Function (the 'reference' backend can)"
+def _exportable(q: torch.Tensor) -> tuple[bool, str]:
+    """Step aside while TorchScript traces (``torch.jit.trace``; ``torch.onnx.export(dynamo=False)``, which ultralytics'
+    export uses) or an ONNX export runs: the tracer cannot record custom autograd Functions and ONNX has no operator
+    for the C++ kernels; the ``reference`` backend exports with standard operators."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False, "TorchScript tracing / ONNX export: standard operators only (the 'reference' backend)"
     return True, ""
+
+
+def _when_exportable(can_run: Callable[[torch.Tensor], tuple[bool, str]]) -> Callable[[torch.Tensor], tuple[bool, str]]:
+    def check(q: torch.Tensor) -> tuple[bool, str]:
+        ok, reason = _exportable(q)
+        return can_run(q) if ok else (ok, reason)
+
+    return check
 
 
 register_backend(
@@ -76,7 +87,7 @@ register_backend(
     Backend(
         "cpp",
         local_attention_cpp,
-        can_run_cpp,
+        _when_exportable(can_run_cpp),
         priority=35,
         description="C++ kernel over each query's window only, recomputing backward (CPU; built on first use)",
     )
@@ -85,7 +96,7 @@ register_backend(
     Backend(
         "tiled",
         local_attention_tiled,
-        _not_jit_tracing,
+        _exportable,
         priority=30,
         description="halo tiles + fused SDPA with a log-multiplicity bias (default on CPU)",
     )
@@ -94,7 +105,7 @@ register_backend(
     Backend(
         "offset",
         local_attention_offset,
-        _not_jit_tracing,
+        _exportable,
         priority=10,
         description="offset-by-offset loop with a recomputing backward (leanest memory, slow)",
     )
