@@ -1,11 +1,14 @@
-"""Imports point one way: ops -> layers -> models -> {analysis, train, bench} -> cli (style.md rule 1)."""
+"""Imports point one way: ops -> layers -> models -> {analysis, train, bench} -> tools -> {cli, integrations}
+(style.md rule 1)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-ORDER = {"ops": 0, "layers": 1, "models": 2, "analysis": 3, "train": 3, "bench": 3, "cli": 4}
+ORDER = {
+    "ops": 0, "layers": 1, "models": 2, "analysis": 3, "train": 3, "bench": 3, "tools": 4, "cli": 5, "integrations": 5,
+}  # fmt: skip
 SRC = Path(__file__).resolve().parents[1] / "src" / "acmix"
 
 

@@ -23,10 +23,18 @@ from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
 
 
+def _linspace_pm1(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """linspace(-1, 1, n); while exporting to ONNX, as arange * step - 1 (the TorchScript exporter, which ultralytics'
+    export uses, writes linspace in float64 whatever the dtype, which onnxruntime then cannot convolve)."""
+    if torch.onnx.is_in_onnx_export():
+        return torch.arange(n, dtype=dtype, device=device) * (2.0 / max(n - 1, 1)) - 1.0
+    return torch.linspace(-1.0, 1.0, n, dtype=dtype, device=device)
+
+
 def position_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The official coordinate map (1, 2, H, W): channel 0 is linspace(-1, 1) over W, channel 1 over H."""
-    loc_w = torch.linspace(-1.0, 1.0, w, dtype=dtype, device=device).expand(h, w)
-    loc_h = torch.linspace(-1.0, 1.0, h, dtype=dtype, device=device).unsqueeze(1).expand(h, w)
+    loc_w = _linspace_pm1(w, dtype, device).expand(h, w)
+    loc_h = _linspace_pm1(h, dtype, device).unsqueeze(1).expand(h, w)
     return torch.stack([loc_w, loc_h]).unsqueeze(0)
 
 
@@ -35,14 +43,20 @@ class ACmix(ConvPathMixin, nn.Module):
 
     Output = alpha * attention(q, k, v) + beta * conv_path(q, k, v) (Fig. 2 (c)).
 
+    The positional order is the official operator's, ``ACmix(in_planes, out_planes, kernel_att, head, kernel_conv,
+    stride, dilation)``, and the official names are accepted as keyword aliases, so code written for the official class
+    runs unchanged (giving a value under both names is a ``TypeError``).
+
     Args:
-        dim: input channels.
-        dim_out: output channels (default ``dim``); must be divisible by ``num_heads``.
+        dim: input channels (official ``in_planes``).
+        dim_out: output channels (official ``out_planes``; default ``dim``); must be divisible by ``num_heads``.
+        attn_kernel_size: odd attention window k_att (official ``kernel_att``; default 7).
+        num_heads: N heads (official ``head``; default 4); head_dim = dim_out / N.
+        conv_kernel_size: odd conv-path kernel k_c (official ``kernel_conv``; default 3; any odd size works here).
         stride: spatial stride (queries and the group conv are strided; projections run at input resolution,
             as in the official code).
-        num_heads: N heads; head_dim = dim_out / N.
-        attn_kernel_size: odd attention window k_att (official 7).
-        conv_kernel_size: odd conv-path kernel k_c (official 3; any odd size works here).
+        dilation: must be 1; other values are refused with a ``ValueError`` (the official operator accepts the
+            argument but its window is never dilated).
         qkv_bias: bias on the q/k/v projections (official: yes).
         fc_bias: bias on the conv-path FC (ResNet code: no; Swin code: yes).
         use_rel_pos: the official linear relative position term (``conv_p``); off gives plain local attention.
@@ -65,13 +79,19 @@ class ACmix(ConvPathMixin, nn.Module):
 
     def __init__(
         self,
-        dim: int,
+        dim: int | None = None,
         dim_out: int | None = None,
-        *,
+        attn_kernel_size: int | None = None,
+        num_heads: int | None = None,
+        conv_kernel_size: int | None = None,
         stride: int = 1,
-        num_heads: int = 4,
-        attn_kernel_size: int = 7,
-        conv_kernel_size: int = 3,
+        dilation: int = 1,
+        *,
+        in_planes: int | None = None,
+        out_planes: int | None = None,
+        kernel_att: int | None = None,
+        head: int | None = None,
+        kernel_conv: int | None = None,
         qkv_bias: bool = True,
         fc_bias: bool = False,
         use_rel_pos: bool = True,
@@ -84,7 +104,18 @@ class ACmix(ConvPathMixin, nn.Module):
         conv_impl: ConvImpl | str | None = None,
     ) -> None:
         super().__init__()
-        dim_out = dim if dim_out is None else dim_out
+        dim = _official_alias("dim", dim, "in_planes", in_planes, None)
+        if dim is None:
+            raise TypeError("ACmix needs the input channels: dim (official name: in_planes)")
+        dim_out = _official_alias("dim_out", dim_out, "out_planes", out_planes, dim)
+        attn_kernel_size = _official_alias("attn_kernel_size", attn_kernel_size, "kernel_att", kernel_att, 7)
+        num_heads = _official_alias("num_heads", num_heads, "head", head, 4)
+        conv_kernel_size = _official_alias("conv_kernel_size", conv_kernel_size, "kernel_conv", kernel_conv, 3)
+        if dilation != 1:
+            raise ValueError(
+                f"ACmix supports dilation=1 only, got dilation={dilation!r} (the official operator pads for a dilated "
+                "window but never dilates it; see docs/deviations.md)"
+            )
         for name, value in (("dim", dim), ("dim_out", dim_out), ("num_heads", num_heads)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -212,6 +243,15 @@ class ACmix(ConvPathMixin, nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+
+
+def _official_alias(name: str, value: Any, alias: str, alias_value: Any, default: Any) -> Any:
+    """``value`` or its official alias (at most one of them given), else ``default``."""
+    if value is not None and alias_value is not None:
+        raise TypeError(f"ACmix got both {name}={value!r} and its official alias {alias}={alias_value!r}; pass one")
+    if value is not None:
+        return value
+    return default if alias_value is None else alias_value
 
 
 def is_official_state_dict(state_dict: dict[str, Any], prefix: str = "") -> bool:

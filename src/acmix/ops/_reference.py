@@ -16,7 +16,8 @@ from ._indexing import reflect_pad2d
 def _unfold_windows(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
     """(B, N, D, H, W) -> (B, N, D, k*k, Ho, Wo): every reflection-padded k x k window, row-major in the window."""
     b, n, d, h, w = x.shape
-    ho, wo = -(-h // stride), -(-w // stride)
+    # ceil(H / stride) as (H + s - 1) // s: the TorchScript ONNX exporter divides negative ints by truncation
+    ho, wo = (h + stride - 1) // stride, (w + stride - 1) // stride
     xp = reflect_pad2d(x.reshape(b * n, d, h, w), kernel_size // 2)  # (B*N, D, H+2p, W+2p)
     cols = F.unfold(xp, kernel_size, stride=stride)  # (B*N, D*k*k, Ho*Wo)
     return cols.reshape(b, n, d, kernel_size * kernel_size, ho, wo)

@@ -20,6 +20,8 @@ ran forward + backward in ~405 ms, against ~170 ms for ``tiled`` with no compile
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .._dispatch import AGGREGATE, Backend, register_backend
@@ -42,6 +44,23 @@ _TRITON_OPT_IN = "not yet timed on a GPU (benchmarks/gpu_all.sh decides)"
 
 def _any(q: torch.Tensor) -> tuple[bool, str]:
     return True, ""
+
+
+def _exportable(q: torch.Tensor) -> tuple[bool, str]:
+    """Step aside while TorchScript traces (``torch.jit.trace``; ``torch.onnx.export(dynamo=False)``, which ultralytics'
+    export uses) or an ONNX export runs: the tracer cannot record custom autograd Functions and ONNX has no operator
+    for the C++ kernels; the ``reference`` backend exports with standard operators."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False, "TorchScript tracing / ONNX export: standard operators only (the 'reference' backend)"
+    return True, ""
+
+
+def _when_exportable(can_run: Callable[[torch.Tensor], tuple[bool, str]]) -> Callable[[torch.Tensor], tuple[bool, str]]:
+    def check(q: torch.Tensor) -> tuple[bool, str]:
+        ok, reason = _exportable(q)
+        return can_run(q) if ok else (ok, reason)
+
+    return check
 
 
 register_backend(
@@ -68,7 +87,7 @@ register_backend(
     Backend(
         "cpp",
         local_attention_cpp,
-        can_run_cpp,
+        _when_exportable(can_run_cpp),
         priority=35,
         description="C++ kernel over each query's window only, recomputing backward (CPU; built on first use)",
     )
@@ -77,7 +96,7 @@ register_backend(
     Backend(
         "tiled",
         local_attention_tiled,
-        _any,
+        _exportable,
         priority=30,
         description="halo tiles + fused SDPA with a log-multiplicity bias (default on CPU)",
     )
@@ -86,7 +105,7 @@ register_backend(
     Backend(
         "offset",
         local_attention_offset,
-        _any,
+        _exportable,
         priority=10,
         description="offset-by-offset loop with a recomputing backward (leanest memory, slow)",
     )
