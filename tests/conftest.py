@@ -17,6 +17,12 @@ settings.register_profile(
 )
 settings.load_profile("acmix")
 
+# pytest-xdist runs one worker per core (`make test`: -n 2 on the 2-core CI machine). Each worker computing with
+# torch's default of one thread per core oversubscribes the cores, which made steps many times slower under load;
+# one intra-op thread per worker. Tests about threading set their own count.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_slow = os.environ.get("ACMIX_RUN_SLOW") == "1"
