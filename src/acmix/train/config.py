@@ -40,7 +40,8 @@ class TrainConfig:
     # --- recipe / files
     recipe: str | None = None
     config: str | None = None
-    output: str | None = None  # run folder; None: runs/<model>-<YYYYmmdd-HHMMSS>
+    output: str | None = None  # run folder; None: runs/<model>-<YYYYmmdd-HHMMSS>[-N]
+    overwrite: bool = False  # a new run may replace the run already in ``output`` (else it is refused)
     resume: str | None = None  # a run folder or a checkpoint path (``last``/``best`` state file)
     # --- schedule
     epochs: int = 30
@@ -141,6 +142,8 @@ class TrainConfig:
             raise ValueError("--resume and --initial-checkpoint contradict each other; give one")
         if self.resume and self.pretrained:
             raise ValueError("--resume and --pretrained contradict each other; a resumed run loads its own weights")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; --resume continues the run, keep it")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -206,7 +209,8 @@ def resolve_config(
     if saved is not None:
         known = {k: v for k, v in saved.items() if k in field_names()}
         cfg = merge_overrides(cfg, known, "checkpoint config")
-        cfg = dataclasses.replace(cfg, resume=None, config=None, max_steps=None, output=None)  # output: where it is now
+        # output: where the run is now; overwrite: never inherited (it deleted the run it replaced)
+        cfg = dataclasses.replace(cfg, resume=None, config=None, max_steps=None, output=None, overwrite=False)
     yaml_over = load_yaml_overrides(flags["config"]) if flags.get("config") else {}
     recipe = flags.get("recipe") or yaml_over.get("recipe")
     if recipe is not None:

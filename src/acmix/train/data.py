@@ -9,17 +9,25 @@
 - :class:`ShardSampler`: the epoch's order is ``randperm(n)`` seeded by ``seed + epoch`` (as
   :class:`torch.utils.data.DistributedSampler`), sharded by rank, and can start part-way into an epoch, so an
   interrupted run resumes on exactly the batches it had not seen.
+- :func:`make_loader`: each sample's random augmentation is seeded from ``(seed, epoch, sample index)`` (the
+  Python, NumPy and torch CPU generators, restored afterwards), so it is the same whichever worker or process
+  draws the sample and whether or not the epoch was interrupted: training and resuming are exact for any
+  ``--workers``. Errors raised while loading a batch, in a worker or not, arrive as one line
+  (:class:`DataLoaderError`, or the ``ValueError`` naming an unreadable image).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -30,6 +38,7 @@ __all__ = [
     "DIGITS_MEAN",
     "DIGITS_STD",
     "DataBundle",
+    "DataLoaderError",
     "DigitsDataset",
     "ImageFolderDataset",
     "ShardSampler",
@@ -66,7 +75,7 @@ class DigitsDataset(Dataset):
     Args:
         split: ``"train"`` or ``"val"``.
         shift: training augmentation: a random translation by up to ``shift`` pixels (zero fill), drawn from
-            torch's global generator (so it is seeded, and restored on resume).
+            torch's global generator (seeded per sample by :func:`make_loader`).
         input_size: output side; other than 8 resizes bilinearly.
     """
 
@@ -320,6 +329,96 @@ def build_data(cfg: Any, data_cfg: dict[str, Any], in_chans: int) -> DataBundle:
     return DataBundle(train, val, train.classes, in_chans, size, mean, std, crop_pct, interp, str(root))
 
 
+class DataLoaderError(RuntimeError):
+    """Loading a batch failed (a data-loader worker died, or a dataset/transform raised); one line, with the cause."""
+
+
+#: torch re-raises a worker's exception as ``Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback...``
+_WORKER_CAUGHT = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)")
+
+
+def _one_line(exc: Exception) -> Exception:
+    """The one-line form of an error raised while loading a batch (same text with 0 or N workers)."""
+    raw = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
+    text = raw.strip()
+    caught = _WORKER_CAUGHT.match(text)
+    if caught:  # the worker's own last line, e.g. "ValueError: cannot read image ..."
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        last = lines[-1] if lines else caught.group(1)
+        text = last.split(": ", 1)[1] if last.startswith(caught.group(1) + ": ") else last
+    elif "DataLoader worker" in text:  # killed (out of memory, a signal) or crashed in native code
+        first = text.splitlines()[0]
+        return DataLoaderError(
+            f"a data-loader worker died: {first} (out of memory, killed, or a crash in native code); "
+            "rerun with --workers 0 to see the error in the main process"
+        )
+    if isinstance(exc, ValueError):
+        return ValueError(text.splitlines()[0] if text else type(exc).__name__)
+    name = caught.group(1) if caught else type(exc).__name__
+    first = text.splitlines()[0] if text else ""
+    return DataLoaderError(f"loading a batch failed: {name}: {first}")
+
+
+class _OneLineErrors:
+    """Iterator wrapper: every loading error becomes :func:`_one_line`'s form (the cause stays chained)."""
+
+    def __init__(self, it: Any) -> None:
+        self._it = it
+
+    def __iter__(self) -> _OneLineErrors:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except ValueError as exc:
+            if "\n" not in str(exc) and not _WORKER_CAUGHT.match(str(exc)):
+                raise  # already one line (the 0-worker form)
+            raise _one_line(exc) from exc
+        except Exception as exc:
+            raise _one_line(exc) from exc
+
+
+class _Loader(DataLoader):
+    """:class:`~torch.utils.data.DataLoader` whose iterators report loading errors in one line."""
+
+    def __iter__(self) -> Any:  # type: ignore[override]
+        return _OneLineErrors(super().__iter__())
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(1, dtype=np.uint64)[0])
+
+
+class _PerSampleSeed(Dataset):
+    """``dataset[i]`` with the Python, NumPy and torch CPU generators seeded from ``(sampler seed, epoch, i)`` and
+    restored afterwards: augmentation is independent of worker, process, order and interruptions."""
+
+    def __init__(self, dataset: Dataset, sampler: ShardSampler) -> None:
+        self.dataset, self.sampler = dataset, sampler
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        s = _sample_seed(self.sampler.seed, self.sampler.epoch, index)
+        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(s)
+        np.random.seed(s % 2**32)
+        torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would also reseed CUDA
+        try:
+            return self.dataset[index]
+        finally:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
 def make_loader(
     dataset: Dataset,
     sampler: ShardSampler,
@@ -329,13 +428,18 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
 ) -> DataLoader:
-    return DataLoader(
-        dataset,
+    """A loader over ``dataset`` in ``sampler``'s order: per-sample seeded augmentation, one-line errors.
+
+    Shape:
+        yields ``(x (B, C, H, W), y (B,), skipped_paths)`` (see :func:`collate_skip`).
+    """
+    return _Loader(
+        _PerSampleSeed(dataset, sampler),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         drop_last=drop_last,
         collate_fn=collate_skip,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=False,  # workers fork per epoch with the sampler's current epoch
     )

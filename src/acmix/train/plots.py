@@ -1,4 +1,9 @@
-"""PNG plots for a run folder (loss and accuracy per epoch) and of ACmix alpha/beta by depth (matplotlib, Agg)."""
+"""PNG plots for a run folder (loss and accuracy per epoch) and of ACmix alpha/beta by depth (matplotlib, Agg).
+
+Each PNG is rendered in memory and written atomically (:func:`acmix.train.checkpoint.atomic_write_bytes`): a reader
+never sees half a file, and a failed write (full disk) raises :class:`~acmix.train.checkpoint.WriteError` and leaves
+the previous plot in place.
+"""
 
 from __future__ import annotations
 
@@ -33,13 +38,30 @@ def _pyplot() -> _Figures:
     return _Figures()
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    import io
+
+    from .checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON-lines metrics file of a run, one dict per epoch."""
+    """The JSON-lines metrics file of a run, one dict per epoch (a line that is not a JSON object is skipped)."""
     rows = []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
-        if line:
-            rows.append(json.loads(line))
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            _logger.warning("%s: skipping a line that is not JSON: %.60s", path, line)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
@@ -60,8 +82,10 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pa
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(out_dir / "loss.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    try:
+        _save_png(fig, written[-1])
+    finally:
+        plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     ax.plot(epochs, [r.get("val_top1") for r in rows], marker="o", label="val top-1")
     ax.plot(epochs, [r.get("val_top5") for r in rows], marker="o", label="val top-5")
@@ -73,8 +97,10 @@ def plot_metrics(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Pa
     ax.grid(alpha=0.3)
     fig.tight_layout()
     written.append(out_dir / "accuracy.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+    try:
+        _save_png(fig, written[-1])
+    finally:
+        plt.close(fig)
     return written
 
 
@@ -97,6 +123,8 @@ def plot_alpha_beta(rows: Sequence[dict[str, Any]], path: str | Path, title: str
         ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save_png(fig, path)
+    finally:
+        plt.close(fig)
     return path

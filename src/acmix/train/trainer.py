@@ -17,7 +17,6 @@ import gc
 import json
 import logging
 import math
-import os
 import random
 import signal
 import threading
@@ -34,9 +33,10 @@ import torch.nn as nn
 from ..models import micro as _micro  # noqa: F401  (registers acmix_micro)
 from . import checkpoint as ckpt
 from .config import TrainConfig
-from .data import DataBundle, ShardSampler, build_data, make_loader, scan_image_folder
+from .data import DataBundle, DataLoaderError, ShardSampler, build_data, make_loader, scan_image_folder
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
-from .engine import NonFiniteLossError, StepControl, evaluate, train_one_epoch
+from .engine import NonFiniteLossError, StepControl, _any_rank, evaluate, train_one_epoch
+from .rundir import RunFolderError, RunLock, claim_run_dir, default_run_dir
 
 _logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ class TrainResult:
     seconds: float
     metrics: list[dict[str, Any]] = field(default_factory=list)
     signal_name: str = ""
+    plot_errors: list[str] = field(default_factory=list)  # plots that could not be written (training went on)
 
     @property
     def resume_command(self) -> str:
@@ -61,7 +62,8 @@ class TrainResult:
 
 
 class TrainingStopped(RuntimeError):
-    """Training stopped on an error after which the last good checkpoint is kept (non-finite loss)."""
+    """Training stopped on an error after which the last good checkpoint is kept (non-finite loss, a file that
+    could not be written); the message is one line naming the cause and the checkpoint to resume from."""
 
 
 def check_model_name(name: str) -> None:
@@ -135,10 +137,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _default_run_dir(cfg: TrainConfig) -> Path:
-    return Path("runs") / f"{cfg.model.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
 def _resolve_amp(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, Any]:
     if not cfg.amp:
         return None, None
@@ -171,7 +169,7 @@ def _loss_fns(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
 
 
 class _MetricsLog:
-    """metrics.jsonl (one JSON object per epoch) + optional TensorBoard; rank 0 only."""
+    """metrics.jsonl (one JSON object per epoch, rewritten atomically) + optional TensorBoard; rank 0 only."""
 
     def __init__(self, run_dir: Path, enabled: bool, tensorboard: bool, keep_before_epoch: int) -> None:
         self.path = run_dir / "metrics.jsonl"
@@ -182,7 +180,7 @@ class _MetricsLog:
             return
         if self.path.exists():  # resumed: keep the epochs already finished, drop any later ones
             self.rows = [r for r in _read_jsonl(self.path) if r.get("epoch", -1) < keep_before_epoch]
-            ckpt.atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
+            self._write()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -197,15 +195,20 @@ class _MetricsLog:
         if not self.enabled:
             return
         self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            self._write()
+        except ckpt.WriteError:
+            self.rows.pop()
+            raise
         if self.tb is not None:
             for k, v in row.items():
                 if isinstance(v, (int, float)) and k != "epoch":
                     self.tb.add_scalar(k, v, row["epoch"])
             self.tb.flush()
+
+    def _write(self) -> None:
+        """The whole file, atomically: a reader or a failed write never leaves half a line (a few KB per epoch)."""
+        ckpt.atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in self.rows).encode())
 
     def close(self) -> None:
         if self.tb is not None:
@@ -216,8 +219,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     rows = []
     for line in path.read_text().splitlines():
         with contextlib.suppress(json.JSONDecodeError):
-            if line.strip():
-                rows.append(json.loads(line))
+            row = json.loads(line) if line.strip() else None
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 
@@ -305,6 +309,7 @@ class _Parts:
     train_sampler: ShardSampler
     train_loader: Any
     val_loader: Any
+    plot_errors: list[str] = field(default_factory=list)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -346,12 +351,31 @@ def _read_resume_state(cfg: TrainConfig, info: DistInfo) -> tuple[dict[str, Any]
     return state, state_file
 
 
-def _pick_run_dir(cfg: TrainConfig, state_file: Path | None) -> Path:
-    if cfg.output:
-        return Path(cfg.output)
+def _claim_run_dir(
+    cfg: TrainConfig, info: DistInfo, device: torch.device, state_file: Path | None
+) -> tuple[Path, RunLock | None]:
+    """The run folder (``--output``, the resumed run's, or a fresh ``runs/<model>-<time>[-N]``), locked by rank 0.
+
+    A new run may not write into a folder holding another run (:func:`acmix.train.rundir.claim_run_dir`); when
+    rank 0 cannot claim the folder, every rank stops.
+    """
+    resume_dir = None
     if state_file is not None:
-        return state_file.parent.parent if state_file.parent.name == "checkpoints" else state_file.parent
-    return _default_run_dir(cfg)
+        resume_dir = state_file.parent.parent if state_file.parent.name == "checkpoints" else state_file.parent
+    run_dir = Path(cfg.output) if cfg.output else resume_dir
+    lock, error = None, None
+    if info.is_main:
+        try:
+            run_dir = run_dir or default_run_dir(cfg.model)
+            lock = claim_run_dir(run_dir, resume_dir=resume_dir, overwrite=cfg.overwrite)
+        except (RunFolderError, ckpt.WriteError) as exc:
+            error = exc
+    run_dir = run_dir or default_run_dir(cfg.model, create=False)  # ranks > 0 write nothing
+    if _any_rank(error is not None, device):
+        if error is not None:
+            raise error
+        raise TrainingStopped("rank 0 could not claim the run folder (see its message)")
+    return run_dir, lock
 
 
 def _build_model_and_data(cfg: TrainConfig) -> tuple[nn.Module, DataBundle, int, int]:
@@ -551,7 +575,6 @@ def _save(p: _Parts, prog: _Progress, kinds: tuple[str, ...], last_row: dict[str
 def _write_config(p: _Parts) -> None:
     import yaml
 
-    p.run_dir.mkdir(parents=True, exist_ok=True)
     cfg_out = {k.replace("_", "-"): v for k, v in p.cfg.to_dict().items()}
     ckpt.atomic_write_bytes(p.run_dir / "config.yaml", yaml.safe_dump(cfg_out, sort_keys=False).encode())
 
@@ -633,10 +656,19 @@ def _finish_epoch(p: _Parts, prog: _Progress, log: _MetricsLog, row: dict[str, A
     prog.epoch, prog.batches_done = row["epoch"] + 1, 0
     _save(p, prog, kinds, row)
     if p.info.is_main and p.cfg.plots:
-        from .plots import plot_metrics
-
-        plot_metrics(log.rows, p.run_dir)
+        _plot(p, log, row["epoch"])
     gc.collect()  # steady memory over long runs: free per-epoch cycles (loaders, figures) promptly
+
+
+def _plot(p: _Parts, log: _MetricsLog, epoch: int) -> None:
+    """Redraw the plots; one that cannot be written is reported and training goes on (nothing needs it)."""
+    from .plots import plot_metrics
+
+    try:
+        plot_metrics(log.rows, p.run_dir)
+    except OSError as exc:
+        p.plot_errors.append(str(exc))
+        _logger.warning("epoch %d: %s; training continues (the plots are redrawn next epoch)", epoch, exc)
 
 
 def _train_loop(p: _Parts, prog: _Progress, log: _MetricsLog, stop: _SignalFlag, t_start: float) -> tuple[str, dict]:
@@ -674,17 +706,24 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
     t_start = time.perf_counter()
     _configure_process(cfg, info, device)
     state, state_file = _read_resume_state(cfg, info)
-    run_dir = _pick_run_dir(cfg, state_file)
-    p = _build(cfg, info, device, run_dir)
-    prog = _restore(p, state, state_file) if state is not None and state_file is not None else _Progress()
-    if info.is_main:
-        _write_config(p)
-    log = _MetricsLog(run_dir, info.is_main, cfg.tensorboard, prog.epoch)
-    stop = _SignalFlag()
-    with stop.installed():
-        stopped, last_row = _train_loop(p, prog, log, stop, t_start)
-    barrier()
-    log.close()
+    run_dir, lock = _claim_run_dir(cfg, info, device, state_file)
+    try:
+        p = _build(cfg, info, device, run_dir)
+        prog = _restore(p, state, state_file) if state is not None and state_file is not None else _Progress()
+        try:
+            if info.is_main:
+                _write_config(p)
+            log = _MetricsLog(run_dir, info.is_main, cfg.tensorboard, prog.epoch)
+            stop = _SignalFlag()
+            with stop.installed():
+                stopped, last_row = _train_loop(p, prog, log, stop, t_start)
+        except (ckpt.WriteError, DataLoaderError) as exc:
+            raise TrainingStopped(_stop_message(exc, run_dir)) from None
+        barrier()
+        log.close()
+    finally:
+        if lock is not None:
+            lock.release()
     return TrainResult(
         run_dir=run_dir,
         epochs_done=len(log.rows) if info.is_main else prog.epoch,
@@ -695,7 +734,20 @@ def _run(cfg: TrainConfig, info: DistInfo, device: torch.device) -> TrainResult:
         seconds=time.perf_counter() - t_start,
         metrics=list(log.rows),
         signal_name=stop.name,
+        plot_errors=list(p.plot_errors),
     )
+
+
+def _stop_message(exc: Exception, run_dir: Path) -> str:
+    """One line: what failed (a file and its cause, a data-loader worker), the checkpoint that survived, the way on."""
+    last = run_dir / "last.state.pt"
+    try:
+        st = ckpt.load_state(last)
+    except (OSError, ckpt.CheckpointError):
+        return f"{exc}; no checkpoint of this run was written yet"
+    fix = "free space or fix the folder" if isinstance(exc, ckpt.WriteError) else "fix the cause"
+    kept = f"the last good checkpoint is {last} (epoch {st['epoch']}, update {st['updates']})"
+    return f"{exc}; {kept}; {fix}, then: acmix train --resume {run_dir}"
 
 
 def config_from_state(state: dict[str, Any]) -> TrainConfig:
