@@ -225,6 +225,7 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
         time.sleep(rng.uniform(0.5, 3.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+        assert f"pid {proc.pid} on" in (run / ".lock").read_text()  # its lock died with it: resuming is not refused
         st = ckpt.load_state(run / "last.state.pt")
         assert st["updates"] >= before
         model = timm.create_model("acmix_micro")

@@ -263,8 +263,8 @@ def save_checkpoint(
         state_file = _write_checkpoint_files(run_dir, ckpt_dir, tag, kinds, model, state, ema_model)
     except OSError as exc:
         committed = _committed_tags(run_dir)
-        if ckpt_dir.is_dir() and committed is not None and tag not in committed:
-            _prune(ckpt_dir, committed)  # drop the half-written checkpoint: nothing points at it
+        if ckpt_dir.is_dir() and committed is not None:
+            _prune(ckpt_dir, committed)  # drop what nothing points at: this checkpoint's files if uncommitted
         raise exc if isinstance(exc, WriteError) else WriteError(ckpt_dir / tag, exc) from exc
     committed = _committed_tags(run_dir)
     if committed is not None:

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -339,8 +340,9 @@ _WORKER_CAUGHT = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)")
 
 def _one_line(exc: Exception) -> Exception:
     """The one-line form of an error raised while loading a batch (same text with 0 or N workers)."""
-    raw = exc.args[0] if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) else str(exc)
-    text = raw.strip()
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) and _WORKER_CAUGHT.match(exc.args[0]):
+        text = exc.args[0].strip()  # str() of a KeyError is the repr of its message
     caught = _WORKER_CAUGHT.match(text)
     if caught:  # the worker's own last line, e.g. "ValueError: cannot read image ..."
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
@@ -376,12 +378,18 @@ class _OneLineErrors:
             return next(self._it)
         except StopIteration:
             raise
-        except ValueError as exc:
-            if "\n" not in str(exc) and not _WORKER_CAUGHT.match(str(exc)):
+        except Exception as exc:
+            self._close()
+            if isinstance(exc, ValueError) and "\n" not in str(exc) and not _WORKER_CAUGHT.match(str(exc)):
                 raise  # already one line (the 0-worker form)
             raise _one_line(exc) from exc
-        except Exception as exc:
-            raise _one_line(exc) from exc
+
+    def _close(self) -> None:
+        """Stop the workers now, not when the traceback that holds this iterator is freed."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            with contextlib.suppress(Exception):
+                shutdown()
 
 
 class _Loader(DataLoader):

@@ -24,7 +24,15 @@ import torch.nn.functional as F
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["EpochResult", "NonFiniteLossError", "StepControl", "autocast_for", "evaluate", "train_one_epoch"]
+__all__ = [
+    "EpochResult",
+    "EpochTotals",
+    "NonFiniteLossError",
+    "StepControl",
+    "autocast_for",
+    "evaluate",
+    "train_one_epoch",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +59,17 @@ class StepControl:
     should_stop: Callable[[], bool] = lambda: False
     after_update: Callable[[int, int], None] | None = None
     max_updates: int | None = None
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch. Checkpointed mid-epoch and passed back on resume, so an interrupted epoch
+    reports the same mean loss and counts as an uninterrupted one."""
+
+    loss_sum: float = 0.0  # sum of per-sample losses
+    seen: int = 0  # samples in ``loss_sum``
+    skipped_nonfinite: int = 0
+    bad_images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -109,12 +128,9 @@ class _EpochLoop:
     updates: int
     i: int  # batches of the epoch consumed so far
     n_batches: int
-    loss_sum: float = 0.0
-    seen: int = 0
-    seen_timed: int = 0
-    skipped_nonfinite: int = 0
+    totals: EpochTotals = field(default_factory=EpochTotals)
+    seen_timed: int = 0  # samples trained on in this call (throughput)
     poisoned: bool = False  # a micro-batch of the current accumulation group had a non-finite loss
-    bad: list[str] = field(default_factory=list)
     stop_reason: str = ""
     lr: float = 0.0
     t0: float = field(default_factory=time.perf_counter)
@@ -125,14 +141,14 @@ class _EpochLoop:
         for batch in loader:
             x, y = batch[0], batch[1]
             if len(batch) > 2 and batch[2]:
-                self.bad.extend(batch[2])
+                self.totals.bad_images.extend(batch[2])
             self.i += 1
             last_of_group = self.i % self.accum_steps == 0 or self.i == self.n_batches  # aligned to the epoch start
             if x.numel() > 0:  # else every image of the batch was unreadable and skipped
                 self.batch(x, y, last_of_group)
                 if bar is not None:
                     elapsed = max(time.perf_counter() - self.t0, 1e-9)
-                    loss = f"{self.loss_sum / max(self.seen, 1):.4f}"
+                    loss = f"{self.totals.loss_sum / max(self.totals.seen, 1):.4f}"
                     bar.set_postfix(loss=loss, lr=f"{self.lr:.2e}", img_s=f"{self.seen_timed / elapsed:.0f}")
             if bar is not None:
                 bar.update(1)
@@ -181,8 +197,8 @@ class _EpochLoop:
                     self.scaler.scale(scaled).backward()
                 else:
                     scaled.backward()
-                self.loss_sum += float(loss.detach()) * x.shape[0]
-                self.seen += x.shape[0]
+                self.totals.loss_sum += float(loss.detach()) * x.shape[0]
+                self.totals.seen += x.shape[0]
         self.seen_timed += x.shape[0]
 
     def update(self) -> None:
@@ -191,7 +207,7 @@ class _EpochLoop:
 
         opt, scaler = self.optimizer, self.scaler
         if self.poisoned:
-            self.skipped_nonfinite += 1
+            self.totals.skipped_nonfinite += 1
             _logger.warning("non-finite loss at epoch %d batch %d: update skipped", self.epoch, self.i - 1)
             opt.zero_grad(set_to_none=True)
             self.poisoned = False
@@ -212,7 +228,7 @@ class _EpochLoop:
     def result(self) -> EpochResult:
         seconds = time.perf_counter() - self.t0
         return EpochResult(
-            loss=self.loss_sum / self.seen if self.seen else math.nan,
+            loss=self.totals.loss_sum / self.totals.seen if self.totals.seen else math.nan,
             lr=self.lr,
             images_per_s=self.seen_timed / max(seconds, 1e-9),
             updates=self.updates,
@@ -220,8 +236,8 @@ class _EpochLoop:
             seconds=seconds,
             complete=self.i >= self.n_batches,
             stop_reason=self.stop_reason,
-            skipped_nonfinite=self.skipped_nonfinite,
-            bad_images=self.bad,
+            skipped_nonfinite=self.totals.skipped_nonfinite,
+            bad_images=list(self.totals.bad_images),
         )
 
 
@@ -247,12 +263,14 @@ def train_one_epoch(
     nan_policy: str = "stop",
     control: StepControl | None = None,
     progress: bool = True,
+    totals: EpochTotals | None = None,
 ) -> EpochResult:
     """Train over ``loader`` (which already starts after ``batches_done`` batches of this epoch).
 
     Args:
         updates: optimizer updates done before this call (drives the per-update scheduler).
         batches_done: batches of this epoch already consumed (resume part-way through an epoch).
+        totals: the epoch's running sums, updated in place (pass the checkpointed ones to continue an epoch).
         accum_steps: micro-batches per optimizer update; the loss is divided by it.
         nan_policy: ``"stop"`` raises :class:`NonFiniteLossError`, ``"skip"`` drops the update and counts it.
 
@@ -281,6 +299,7 @@ def train_one_epoch(
         updates=updates,
         i=batches_done,
         n_batches=n_batches,
+        totals=totals if totals is not None else EpochTotals(),
     )
     bar = None
     if progress:

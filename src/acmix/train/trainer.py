@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import DataBundle, DataLoaderError, ShardSampler, build_data, make_loader, scan_image_folder
 from .distributed import DistInfo, barrier, cleanup_distributed, init_distributed
-from .engine import NonFiniteLossError, StepControl, _any_rank, evaluate, train_one_epoch
+from .engine import EpochTotals, NonFiniteLossError, StepControl, _any_rank, evaluate, train_one_epoch
 from .rundir import RunFolderError, RunLock, claim_run_dir, default_run_dir
 
 _logger = logging.getLogger(__name__)
@@ -284,6 +284,7 @@ class _Progress:
     updates: int = 0
     best_top1: float = -1.0
     best_epoch: int = -1
+    totals: EpochTotals = field(default_factory=EpochTotals)  # running sums of ``epoch`` so far
 
 
 @dataclass
@@ -530,6 +531,7 @@ def _restore(p: _Parts, state: dict[str, Any], state_file: Path) -> _Progress:
         int(state["updates"]),
         float(state["best_top1"]),
         int(state["best_epoch"]),
+        _totals_from(state.get("epoch_totals")),
     )
     ckpt.restore_rng(state["rng"])  # rank 0's generators: exact for one process
     if p.info.rank > 0:  # other ranks: fresh, distinct streams (the data order itself is exact on every rank)
@@ -538,6 +540,14 @@ def _restore(p: _Parts, state: dict[str, Any], state_file: Path) -> _Progress:
         "resumed from %s: epoch %d, batch %d, update %d", state_file, prog.epoch, prog.batches_done, prog.updates
     )
     return prog
+
+
+def _totals_from(saved: Any) -> EpochTotals:
+    """The epoch's running sums from a checkpoint (absent in checkpoints written before they were recorded)."""
+    if not isinstance(saved, dict):
+        return EpochTotals()
+    names = {f.name for f in dataclasses.fields(EpochTotals)}
+    return EpochTotals(**{k: v for k, v in saved.items() if k in names})
 
 
 def _save(p: _Parts, prog: _Progress, kinds: tuple[str, ...], last_row: dict[str, Any] | None) -> None:
@@ -566,6 +576,7 @@ def _save(p: _Parts, prog: _Progress, kinds: tuple[str, ...], last_row: dict[str
         world=p.info.world,
         best_top1=prog.best_top1,
         best_epoch=prog.best_epoch,
+        epoch_totals=dataclasses.asdict(prog.totals),
         metrics=last_row or {},
     )
     ema_model = p.ema.module if p.ema is not None else None
@@ -605,6 +616,7 @@ def _train_epoch(p: _Parts, prog: _Progress, control: StepControl) -> Any:
             nan_policy=cfg.nan_policy,
             control=control,
             progress=cfg.progress and p.info.is_main,
+            totals=prog.totals,
         )
     except NonFiniteLossError as exc:
         raise TrainingStopped(f"{exc}; last good checkpoint: {p.run_dir / 'last.state.pt'}") from None
@@ -694,7 +706,7 @@ def _train_loop(p: _Parts, prog: _Progress, log: _MetricsLog, stop: _SignalFlag,
             prog.batches_done = res.batches_done
             _save(p, prog, ("last",), None)
             return res.stop_reason or "signal", last_row
-        prog.batches_done = 0
+        prog.batches_done, prog.totals = 0, EpochTotals()
         last_row = _validate(p, res, prog.epoch, t_start)
         _finish_epoch(p, prog, log, last_row)
         if res.stop_reason:
