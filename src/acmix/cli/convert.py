@@ -52,10 +52,12 @@ def convert_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
     """Official checkpoint -> safetensors of ``model_name``'s state dict; returns a summary (report, classes).
 
     The number of classes is taken from the checkpoint's classifier. The file is written atomically (a temporary
-    file in the target directory, then ``os.replace``).
+    file in the target directory, then ``os.replace``) and records the SHA-256 of its tensor data.
     """
-    import safetensors.torch
     import timm
+
+    from .._safetensors import dumps
+    from ..train.checkpoint import atomic_write_bytes
 
     out_path = Path(out)
     if out_path.suffix != ".safetensors":
@@ -72,14 +74,10 @@ def convert_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     report = load_official_checkpoint(model, obj if isinstance(obj, dict) else state)
     report.source = str(src)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = _atomic_target(out_path)
-    try:
-        metadata = {"format": "pt", "acmix_model": model_name, "source": Path(src).name}
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", "acmix_model": model_name, "source": Path(src).name}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, dumps(tensors, metadata))  # with the data's SHA-256, checked when acmix loads it
     return {"report": report, "num_classes": getattr(model, "num_classes", None), "tensors": len(tensors)}
 
 

@@ -13,12 +13,19 @@ target with :func:`os.replace` (atomic on POSIX and Windows), and the folder is 
 own immutable weights file, so ``last.state.pt`` always points at complete, matching weights: a crash (even
 ``kill -9``) at any moment leaves the previous checkpoint loadable. State files are read with
 ``torch.load(weights_only=True)``: loading never runs code from the file.
+
+Both kinds of file carry a SHA-256 of their content, checked on every load, so a file changed after writing (a
+flipped bit on disk, a truncated copy) is refused with an error naming it instead of loading wrong numbers:
+weights files in their safetensors metadata (:mod:`acmix._safetensors`), state files (version 2) as
+``{"format": "acmix-state", "version": 2, "sha256": ..., "payload": <torch.save bytes of the state>}``. Version-1
+state files (a plain dict, no checksum) still load.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import random
@@ -48,7 +55,28 @@ __all__ = [
     "unwrap_model",
 ]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+_STATE_FORMAT = "acmix-state"
+#: entries a state file may hold and their types (checked on load: a state must not fail later, at use)
+_STATE_TYPES: dict[str, type | tuple[type, ...]] = {
+    "weights": str,
+    "ema_weights": str,
+    "epoch": int,
+    "batches_done": int,
+    "updates": int,
+    "best_epoch": int,
+    "world": int,
+    "num_classes": int,
+    "best_top1": (int, float),
+    "model_name": str,
+    "model_kwargs": dict,
+    "config": dict,
+    "data": dict,
+    "rng": dict,
+    "optimizer": dict,
+    "metrics": dict,
+    "epoch_totals": dict,
+}
 
 
 class CheckpointError(ValueError):
@@ -142,11 +170,11 @@ def _atomic_copy(src: Path, dst: Path) -> None:
 
 
 def _state_dict_bytes(sd: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    from safetensors.torch import save
+    from .._safetensors import dumps
 
     # safetensors needs contiguous tensors that share no memory
     clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items() if isinstance(v, torch.Tensor)}
-    return save(clean, metadata=metadata)
+    return dumps(clean, metadata)
 
 
 def _torch_bytes(obj: Any) -> bytes:
@@ -155,6 +183,13 @@ def _torch_bytes(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def _state_bytes(state: dict[str, Any]) -> bytes:
+    """A version-2 state file: the state's ``torch.save`` bytes wrapped with their SHA-256."""
+    payload = _torch_bytes(state)
+    digest = hashlib.sha256(payload).hexdigest()
+    return _torch_bytes({"format": _STATE_FORMAT, "version": STATE_VERSION, "sha256": digest, "payload": payload})
 
 
 def capture_rng() -> dict[str, Any]:
@@ -294,7 +329,7 @@ def _write_checkpoint_files(
         atomic_write_bytes(ema_file, _state_dict_bytes(unwrap_model(ema_model).state_dict(), meta))
         full["ema_weights"] = ema_file.name
     state_file = ckpt_dir / f"{tag}.state.pt"
-    atomic_write_bytes(state_file, _torch_bytes(full))
+    atomic_write_bytes(state_file, _state_bytes(full))
     _WEIGHTS_OF[_stat_key(state_file)] = weights.name
     for kind in _commit_order(kinds):
         _atomic_copy(weights, run_dir / f"{kind}.safetensors")
@@ -318,18 +353,40 @@ def find_state_file(path: str | Path) -> Path:
     return p
 
 
-def load_state(path: str | Path) -> dict[str, Any]:
-    """Read a state file safely (weights_only): no code from the file runs; corrupt files raise CheckpointError."""
-    p = Path(path)
+def _torch_load(source: Any, p: Path) -> Any:
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        return torch.load(source, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise
-    except Exception as exc:  # pickle errors, truncated zip, refused globals
+    except Exception as exc:  # pickle errors, truncated zip, refused globals, and whatever a damaged pickle raises
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{p}: not a loadable acmix state file ({first[:300]})") from None
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """Read a state file safely (weights_only: no code from the file runs) and check its checksum and entries.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: unreadable, corrupt (checksum), or not an acmix state (message names the file).
+    """
+    import io
+
+    p = Path(path)
+    obj = _torch_load(p, p)
+    if isinstance(obj, dict) and obj.get("format") == _STATE_FORMAT:
+        payload, digest = obj.get("payload"), obj.get("sha256")
+        if not isinstance(payload, bytes) or not isinstance(digest, str):
+            raise CheckpointError(f"{p}: damaged acmix state file (no payload or checksum)")
+        if hashlib.sha256(payload).hexdigest() != digest:
+            raise CheckpointError(f"{p}: corrupt acmix state file (its content does not match its SHA-256)")
+        obj = _torch_load(io.BytesIO(payload), p)
     if not isinstance(obj, dict) or "weights" not in obj:
         raise CheckpointError(f"{p}: not an acmix state file (no 'weights' entry)")
+    for key, types in _STATE_TYPES.items():
+        value = obj.get(key)
+        if value is not None and (not isinstance(value, types) or isinstance(value, bool) and types is int):
+            raise CheckpointError(f"{p}: damaged acmix state file ({key!r} is a {type(value).__name__})")
     return obj
 
 
@@ -339,16 +396,21 @@ def _summary(keys: list[str], limit: int = 8) -> str:
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
-    """Load a safetensors file to CPU tensors; a truncated or corrupt file raises CheckpointError naming it."""
-    from safetensors.torch import load_file
+    """Load a safetensors file to CPU tensors, checking its checksum when it has one (acmix writes one).
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: truncated, corrupt or changed since written (the message names the file).
+    """
+    from .._safetensors import loads
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file not found: {p}")
     try:
-        return load_file(str(p), device="cpu")
-    except Exception as exc:
-        raise CheckpointError(f"{p}: cannot read safetensors weights ({str(exc).splitlines()[0][:200]})") from None
+        return loads(p.read_bytes())
+    except ValueError as exc:
+        raise CheckpointError(f"{p}: cannot read safetensors weights ({str(exc)[:200]})") from None
 
 
 def load_weights(model: nn.Module, path: str | Path, *, strict: bool = True) -> dict[str, list[str]]:

@@ -94,8 +94,10 @@ def load_model(
             state, weights, sd = ckpt.read_checkpoint_consistently(state_file, key)
         else:
             state, sd = ckpt.load_state(state_file), ckpt.read_weights(weights)
+        if "model_name" not in state:
+            raise ckpt.CheckpointError(f"{state_file}: no model name in this state file; pass its weights and --model")
         name = str(state["model_name"])
-        kwargs = dict(state.get("model_kwargs", {}))
+        kwargs = dict(state.get("model_kwargs") or {})
         kwargs["pretrained"] = False
         model = create_model(name, **kwargs)
         ckpt.apply_weights(model, sd, weights, strict=strict)
