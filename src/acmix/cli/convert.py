@@ -27,6 +27,7 @@ import torch.nn as nn
 from ..layers import ACmix
 from ..models import PAPER_TABLE, extract_state_dict, get_checkpoint_filter, load_official_checkpoint, read_checkpoint
 from .main import UsageError
+from .train import one_line_errors
 
 _logger = logging.getLogger(__name__)
 
@@ -214,6 +215,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="official file (.pth training state or state dict, or .safetensors)")
     p.add_argument("out", help="output .safetensors file (written atomically)")
     p.add_argument("--model", required=True, help="registered model name, e.g. acmix_swin_tiny_patch4_window7_224")
+    one_line_errors(p, "acmix convert")
     p.set_defaults(func=run_convert)
 
     e = sub.add_parser("export", help="ONNX export checked in onnxruntime (CPU)")

@@ -159,8 +159,33 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def _typed(name: str, value: Any, source: str) -> Any:
+    """``value`` as the type of field ``name`` (an int for a float field, a whole float for an int field);
+    a value of another type raises ValueError naming the setting, the expected type and what arrived."""
+    kind = str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == name)).replace(" ", "")
+    if value is None and kind.endswith("|None"):
+        return None
+    base = kind.split("|")[0].split("[")[0]
+    ok = {
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "dict": lambda v: isinstance(v, dict),
+    }[base]
+    if base == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not ok(value):
+        want = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        expected = want.get(base, "a mapping") + (" or null" if kind.endswith("|None") else "")
+        raise ValueError(f"{source}: {_flag(name)} must be {expected}, got {shown} ({type(value).__name__})")
+    return float(value) if base == "float" else value
+
+
 def merge_overrides(cfg: TrainConfig, overrides: Mapping[str, Any], source: str) -> TrainConfig:
-    """Return ``cfg`` with ``overrides`` (keys: flag names, dashes or underscores) applied; unknown keys raise."""
+    """Return ``cfg`` with ``overrides`` (keys: flag names, dashes or underscores) applied; unknown keys and
+    values of the wrong type raise ValueError."""
     names = field_names()
     clean: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -169,7 +194,7 @@ def merge_overrides(cfg: TrainConfig, overrides: Mapping[str, Any], source: str)
             close = difflib.get_close_matches(name, names, n=3)
             hint = f"; did you mean {', '.join(_flag(c) for c in close)}?" if close else ""
             raise ValueError(f"{source}: unknown setting {key!r}{hint}")
-        clean[name] = value
+        clean[name] = _typed(name, value, source)
     return dataclasses.replace(cfg, **clean)
 
 
@@ -181,9 +206,16 @@ def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{p}: not valid YAML ({first})") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not valid YAML (nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -85,8 +85,9 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     check_model_name(name)
     try:
         return timm.create_model(name, **kwargs)
-    except TypeError as exc:
-        raise ValueError(f"cannot build {name} with {sorted(kwargs)}: {exc}") from None
+    except Exception as exc:  # a bad keyword or value: TypeError, AssertionError, RuntimeError... from the model
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"cannot build {name} with {sorted(kwargs)}: {first[:300]}") from None
 
 
 def _model_kwargs(cfg: TrainConfig, num_classes: int, in_chans: int | None) -> dict[str, Any]:
