@@ -1,9 +1,10 @@
 """safetensors files that carry a SHA-256 of their tensor data, so a corrupt file is refused at load time.
 
-The format has no checksum of its own: a flipped bit in the data section loads silently as a different weight. The
-files acmix writes (checkpoints, ``acmix convert``) record ``sha256`` of the bytes after the header in the header's
-``__metadata__`` (key :data:`CHECKSUM_KEY`); :func:`loads` verifies it when present. Any safetensors reader still
-reads these files (the metadata is a plain string).
+The format has no checksum of its own: a flipped bit in the data section, or a changed dtype, shape or offset in
+the header, loads silently as different weights. The files acmix writes (checkpoints, ``acmix convert``) record
+the SHA-256 of the tensor entries of the header (canonical JSON: names, dtypes, shapes, offsets) followed by the
+data section, in the header's ``__metadata__`` (key :data:`CHECKSUM_KEY`); :func:`loads` verifies it when present.
+Any safetensors reader still reads these files (the metadata is a plain string).
 """
 
 from __future__ import annotations
@@ -32,14 +33,22 @@ def _data_offset(data: bytes) -> int:
     return 8 + n
 
 
+def _digest(header: dict, data: bytes, start: int) -> str:
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    h = hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode())
+    h.update(memoryview(data)[start:])
+    return h.hexdigest()
+
+
 def dumps(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialize CPU, contiguous tensors (that share no memory) with their data checksum in the metadata."""
+    """Serialize CPU, contiguous tensors (that share no memory) with their checksum in the metadata."""
     from safetensors.torch import save
 
     meta = {k: str(v) for k, v in (metadata or {}).items() if k != CHECKSUM_KEY}
     first = save(dict(tensors), metadata=meta)
-    digest = hashlib.sha256(memoryview(first)[_data_offset(first) :]).hexdigest()
-    return save(dict(tensors), metadata={**meta, CHECKSUM_KEY: digest})  # same data section, longer header
+    start = _data_offset(first)
+    digest = _digest(json.loads(first[8:start]), first, start)
+    return save(dict(tensors), metadata={**meta, CHECKSUM_KEY: digest})  # same entries and data, longer header
 
 
 def loads(data: bytes) -> dict[str, torch.Tensor]:
@@ -58,8 +67,8 @@ def loads(data: bytes) -> dict[str, torch.Tensor]:
         raise ValueError(f"the header is not JSON ({exc})") from None
     meta = header.get("__metadata__") if isinstance(header, dict) else None
     expected = meta.get(CHECKSUM_KEY) if isinstance(meta, dict) else None
-    if expected is not None and hashlib.sha256(memoryview(data)[start:]).hexdigest() != expected:
-        raise ChecksumError("the tensor data does not match its recorded SHA-256: the file is corrupt")
+    if expected is not None and _digest(header, data, start) != expected:
+        raise ChecksumError("the tensors do not match their recorded SHA-256: the file is corrupt")
     try:
         return load(data)
     except Exception as exc:  # safetensors raises its own error types
