@@ -584,6 +584,33 @@ def test_worker_crash_in_the_cli_is_one_line(finished_run, monkeypatch, capsys):
     assert len(err) == 1 and err[0].startswith("acmix eval: error: a data-loader worker died"), err
 
 
+def test_augmentation_depends_on_seed_epoch_and_index_only():
+    """Each sample's augmentation is the same with 0 or 2 workers and when the epoch starts part-way (a resume);
+    iterating leaves the main process's generators alone (dropout and Mixup draw from them)."""
+    import random
+
+    import numpy as np
+
+    from acmix.train.data import DigitsDataset
+
+    def batches(workers: int, start: int = 0, epoch: int = 3) -> list[torch.Tensor]:
+        sampler = ShardSampler(1437, shuffle=True, seed=7)
+        sampler.set_epoch(epoch, start=start)
+        loader = make_loader(DigitsDataset("train", shift=2), sampler, 100, workers=workers)
+        loader.generator = torch.Generator().manual_seed(0)
+        return [b[0] for b in loader]
+
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    zero = batches(0)
+    assert torch.equal(torch.rand(3), expected[0]) and (random.random(), np.random.rand()) == expected[1:]
+    two = batches(2)
+    assert len(zero) == len(two) == 15 and all(torch.equal(a, b) for a, b in zip(zero, two))
+    assert all(torch.equal(a, b) for a, b in zip(zero[5:], batches(0, start=500)))
+    assert not torch.equal(zero[0], batches(0, epoch=4)[0])  # another epoch, another augmentation
+
+
 def test_resume_is_exact_with_two_workers(tiny_data, reference_run, tmp_path):
     """Guarantee: for any --workers an interrupted and resumed run ends with the weights of an uninterrupted one
     (augmentation is seeded per sample from seed, epoch and index). Here: stopped after 3 of 4 updates with 2

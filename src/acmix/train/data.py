@@ -399,13 +399,26 @@ class _Loader(DataLoader):
         return _OneLineErrors(super().__iter__())
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a cheap, well-spread 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
 def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    return int(np.random.SeedSequence([seed % 2**64, epoch, index]).generate_state(1, dtype=np.uint64)[0])
+    return _mix64(_mix64(_mix64(seed & _MASK64) ^ epoch) ^ index)
 
 
 class _PerSampleSeed(Dataset):
-    """``dataset[i]`` with the Python, NumPy and torch CPU generators seeded from ``(sampler seed, epoch, i)`` and
-    restored afterwards: augmentation is independent of worker, process, order and interruptions."""
+    """``dataset[i]`` with the Python, NumPy and torch CPU generators seeded from ``(sampler seed, epoch, i)``:
+    augmentation is independent of worker, process, order and interruptions. In the main process (no workers)
+    the generators' states are saved before a batch and restored after it, so the training's own random
+    streams (dropout, Mixup) do not depend on the data either."""
 
     def __init__(self, dataset: Dataset, sampler: ShardSampler) -> None:
         self.dataset, self.sampler = dataset, sampler
@@ -414,17 +427,28 @@ class _PerSampleSeed(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, index: int) -> Any:
-        s = _sample_seed(self.sampler.seed, self.sampler.epoch, index)
-        saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
-        random.seed(s)
-        np.random.seed(s % 2**32)
-        torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would also reseed CUDA
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:  # torch's fetcher calls this once per batch
+        from torch.utils.data import get_worker_info
+
+        saved = None
+        if get_worker_info() is None:
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
-            return self.dataset[index]
+            out = []
+            for i in indices:
+                s = _sample_seed(self.sampler.seed, self.sampler.epoch, i)
+                random.seed(s)
+                np.random.seed(s & 0xFFFFFFFF)
+                torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would also reseed CUDA
+                out.append(self.dataset[i])
+            return out
         finally:
-            random.setstate(saved[0])
-            np.random.set_state(saved[1])
-            torch.set_rng_state(saved[2])
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
 
 
 def make_loader(

@@ -1,11 +1,14 @@
 """The training run: data, model, timm optimizer/scheduler/EMA, DDP, checkpoints, metrics, plots, signals.
 
 :func:`run_training` takes a resolved :class:`~acmix.train.config.TrainConfig` and returns a :class:`TrainResult`.
-It checks the data before any training, writes only on rank 0, checkpoints atomically (``last`` every epoch and
-every ``checkpoint_every`` updates, ``best`` on a new best top-1), and on SIGINT/SIGTERM finishes the current
-update, writes ``last`` and returns with ``stopped="signal"``. Resuming restores weights, optimizer, scheduler,
-scaler, EMA, RNG states and the position inside the epoch, so on CPU with ``workers=0`` a resumed run ends with
-the same weights as an uninterrupted one.
+It checks the data before any training, claims and locks the run folder (:mod:`acmix.train.rundir`: a folder
+holding another run is refused), writes only on rank 0, checkpoints atomically (``last`` every epoch and every
+``checkpoint_every`` updates, ``best`` on a new best top-1), and on SIGINT/SIGTERM finishes the current update,
+writes ``last`` and returns with ``stopped="signal"``. A file that cannot be written (full disk, I/O error) or a
+data-loader failure stops the run with :class:`TrainingStopped` (one line naming the cause and the last good
+checkpoint); a plot that cannot be written is only reported. Resuming restores weights, optimizer, scheduler,
+scaler, EMA, RNG states, the epoch's running sums and the position inside the epoch, so on CPU a resumed run ends
+with the same weights and metrics as an uninterrupted one, for any number of loader workers.
 """
 
 from __future__ import annotations
