@@ -218,13 +218,17 @@ def test_kill_9_at_random_moments_leaves_a_loadable_checkpoint(tmp_path):
 
     rng = random.Random(0)
     run = tmp_path / "run"
+    pids = []
     for attempt in range(3):
         proc = _train_proc(run, "--checkpoint-every", "1", *(["--resume", str(run)] if attempt else []))
+        pids.append(proc.pid)
         _wait_for(run / "last.state.pt", proc)
         before = ckpt.load_state(run / "last.state.pt")["updates"] if attempt else 0
         time.sleep(rng.uniform(0.5, 3.0))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
+        holder = (run / ".lock").read_text()  # a killed holder (this one, or an earlier one if this was killed
+        assert any(f"pid {pid} on" in holder for pid in pids), holder  # before locking): its lock died with it
         st = ckpt.load_state(run / "last.state.pt")
         assert st["updates"] >= before
         model = timm.create_model("acmix_micro")

@@ -25,6 +25,7 @@ import torch.nn as nn
 from ..models import PAPER_TABLE, extract_state_dict, get_checkpoint_filter, load_official_checkpoint, read_checkpoint
 from ..ops import use_backend
 from .main import UsageError
+from .train import one_line_errors
 
 _logger = logging.getLogger(__name__)
 
@@ -50,10 +51,12 @@ def convert_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
     """Official checkpoint -> safetensors of ``model_name``'s state dict; returns a summary (report, classes).
 
     The number of classes is taken from the checkpoint's classifier. The file is written atomically (a temporary
-    file in the target directory, then ``os.replace``).
+    file in the target directory, then ``os.replace``) and records the SHA-256 of its tensor data.
     """
-    import safetensors.torch
     import timm
+
+    from .._safetensors import dumps
+    from ..train.checkpoint import atomic_write_bytes
 
     out_path = Path(out)
     if out_path.suffix != ".safetensors":
@@ -70,14 +73,10 @@ def convert_checkpoint(src: str | os.PathLike[str], out: str | os.PathLike[str],
         model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
     report = load_official_checkpoint(model, obj if isinstance(obj, dict) else state)
     report.source = str(src)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = _atomic_target(out_path)
-    try:
-        metadata = {"format": "pt", "acmix_model": model_name, "source": Path(src).name}
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    metadata = {"format": "pt", "acmix_model": model_name, "source": Path(src).name}
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out_path, dumps(tensors, metadata))  # with the data's SHA-256, checked when acmix loads it
     return {"report": report, "num_classes": getattr(model, "num_classes", None), "tensors": len(tensors)}
 
 
@@ -200,6 +199,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="official file (.pth training state or state dict, or .safetensors)")
     p.add_argument("out", help="output .safetensors file (written atomically)")
     p.add_argument("--model", required=True, help="registered model name, e.g. acmix_swin_tiny_patch4_window7_224")
+    one_line_errors(p, "acmix convert")
     p.set_defaults(func=run_convert)
 
     e = sub.add_parser("export", help="ONNX export checked in onnxruntime (CPU)")

@@ -1,6 +1,8 @@
 """``acmix`` entry point: ``main(argv) -> int`` so tests call it in-process.
 
-Errors a user can fix (bad arguments, missing files, unknown names) print one line to stderr and return 2.
+Errors a user can fix (bad arguments, missing files, unknown names) print one line to stderr and return 2; a file
+that cannot be written or read (full disk, I/O error, read-only folder) or a data loader that fails prints one line
+and returns 1.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from .._env import configure_logging
+from ..train.data import DataLoaderError
 from ..version import __version__
 
 #: subcommand modules under ``acmix.cli``; each has ``register(subparsers) -> None``
@@ -59,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ValueError, FileNotFoundError) as exc:
         print(f"acmix {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, DataLoaderError) as exc:  # full disk, I/O error, read-only folder; a data-loader worker died
+        print(f"acmix {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"acmix {args.command}: interrupted", file=sys.stderr)
         return 130

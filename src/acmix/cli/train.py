@@ -32,7 +32,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
         "model_kwargs",
         "skip_bad_images",
     ),
-    "recipe and files": ("recipe", "config", "output", "resume", "checkpoint_every"),
+    "recipe and files": ("recipe", "config", "output", "overwrite", "resume", "checkpoint_every"),
     "schedule": ("epochs", "batch_size", "grad_accum_steps", "max_steps"),
     "optimizer (timm.optim.create_optimizer_v2)": (
         "opt",
@@ -95,7 +95,8 @@ _HELP = {
     "data_dir": "image folder with train/ and val/ sub-folders of class folders (default: embedded digits)",
     "recipe": "paper recipe: resnet, san, pvt, swin or digits (paper.md section 5)",
     "config": "YAML file of overrides; keys are the flag names",
-    "output": "run folder (default runs/<model>-<time>; a resumed run keeps its folder)",
+    "output": "run folder (default runs/<model>-<time>; a resumed run keeps its folder); must be empty or new",
+    "overwrite": "let a new run delete the run already in --output (without it such a folder is refused)",
     "resume": "continue a run: its folder, or a .state.pt / .safetensors checkpoint",
     "model_kwargs": "extra timm.create_model arguments, KEY=VALUE (YAML values)",
     "max_steps": "stop after this many optimizer updates (writes last checkpoint)",
@@ -229,6 +230,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"{cfg.model}: {result.updates} updates in {result.seconds:.1f} s (no full epoch yet)")
     print(f"run folder: {result.run_dir}")
+    if result.plot_errors:
+        print(
+            f"note: {len(result.plot_errors)} plot(s) could not be written (training went on): "
+            f"{result.plot_errors[-1]}",
+            file=sys.stderr,
+        )
     if result.stopped == "max_steps":
         print(f"stopped at --max-steps; continue with: {result.resume_command} --max-steps N")
     return 0

@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import struct
-import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -138,11 +137,13 @@ def read_checkpoint(path: PathLike) -> Any:
     if p.stat().st_size == 0:
         raise ValueError(f"cannot read checkpoint {p}: the file is empty")
     if _is_safetensors(p):
-        import safetensors.torch
+        from .._safetensors import ChecksumError, loads
 
         try:
-            return safetensors.torch.load_file(str(p), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
+            return loads(p.read_bytes())
+        except ChecksumError as exc:
+            raise ValueError(f"cannot read safetensors file {p}: {exc}") from None
+        except ValueError as exc:
             raise ValueError(f"cannot read safetensors file {p}: truncated or corrupt ({exc})") from None
     try:
         with torch.serialization.safe_globals(_safe_globals()):
@@ -159,9 +160,13 @@ def read_checkpoint(path: PathLike) -> Any:
             ) from None
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"cannot read checkpoint {p}: truncated or corrupt ({first})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, struct.error, OSError, KeyError, ValueError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ValueError(f"cannot read checkpoint {p}: truncated or corrupt ({first})") from None
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # a damaged pickle or zip raises almost anything (IndexError, MemoryError, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(
+            f"cannot read checkpoint {p}: truncated or corrupt ({type(exc).__name__}: {first[:200]})"
+        ) from None
 
 
 _STATE_KEYS = ("model", "state_dict")

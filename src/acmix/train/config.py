@@ -40,7 +40,8 @@ class TrainConfig:
     # --- recipe / files
     recipe: str | None = None
     config: str | None = None
-    output: str | None = None  # run folder; None: runs/<model>-<YYYYmmdd-HHMMSS>
+    output: str | None = None  # run folder; None: runs/<model>-<YYYYmmdd-HHMMSS>[-N]
+    overwrite: bool = False  # a new run may replace the run already in ``output`` (else it is refused)
     resume: str | None = None  # a run folder or a checkpoint path (``last``/``best`` state file)
     # --- schedule
     epochs: int = 30
@@ -142,6 +143,8 @@ class TrainConfig:
             raise ValueError("--resume and --initial-checkpoint contradict each other; give one")
         if self.resume and self.pretrained:
             raise ValueError("--resume and --pretrained contradict each other; a resumed run loads its own weights")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other; --resume continues the run, keep it")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -157,8 +160,33 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(TrainConfig)]
 
 
+def _typed(name: str, value: Any, source: str) -> Any:
+    """``value`` as the type of field ``name`` (an int for a float field, a whole float for an int field);
+    a value of another type raises ValueError naming the setting, the expected type and what arrived."""
+    kind = str(next(f.type for f in dataclasses.fields(TrainConfig) if f.name == name)).replace(" ", "")
+    if value is None and kind.endswith("|None"):
+        return None
+    base = kind.split("|")[0].split("[")[0]
+    ok = {
+        "bool": lambda v: isinstance(v, bool),
+        "int": lambda v: isinstance(v, int) and not isinstance(v, bool),
+        "float": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        "str": lambda v: isinstance(v, str),
+        "dict": lambda v: isinstance(v, dict),
+    }[base]
+    if base == "int" and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not ok(value):
+        want = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        expected = want.get(base, "a mapping") + (" or null" if kind.endswith("|None") else "")
+        raise ValueError(f"{source}: {_flag(name)} must be {expected}, got {shown} ({type(value).__name__})")
+    return float(value) if base == "float" else value
+
+
 def merge_overrides(cfg: TrainConfig, overrides: Mapping[str, Any], source: str) -> TrainConfig:
-    """Return ``cfg`` with ``overrides`` (keys: flag names, dashes or underscores) applied; unknown keys raise."""
+    """Return ``cfg`` with ``overrides`` (keys: flag names, dashes or underscores) applied; unknown keys and
+    values of the wrong type raise ValueError."""
     names = field_names()
     clean: dict[str, Any] = {}
     for key, value in overrides.items():
@@ -167,7 +195,7 @@ def merge_overrides(cfg: TrainConfig, overrides: Mapping[str, Any], source: str)
             close = difflib.get_close_matches(name, names, n=3)
             hint = f"; did you mean {', '.join(_flag(c) for c in close)}?" if close else ""
             raise ValueError(f"{source}: unknown setting {key!r}{hint}")
-        clean[name] = value
+        clean[name] = _typed(name, value, source)
     return dataclasses.replace(cfg, **clean)
 
 
@@ -179,9 +207,16 @@ def load_yaml_overrides(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p}: not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ValueError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{p}: not valid YAML ({first})") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not valid YAML (nested too deeply)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -207,7 +242,8 @@ def resolve_config(
     if saved is not None:
         known = {k: v for k, v in saved.items() if k in field_names()}
         cfg = merge_overrides(cfg, known, "checkpoint config")
-        cfg = dataclasses.replace(cfg, resume=None, config=None, max_steps=None, output=None)  # output: where it is now
+        # output: where the run is now; overwrite: never inherited (it deleted the run it replaced)
+        cfg = dataclasses.replace(cfg, resume=None, config=None, max_steps=None, output=None, overwrite=False)
     yaml_over = load_yaml_overrides(flags["config"]) if flags.get("config") else {}
     recipe = flags.get("recipe") or yaml_over.get("recipe")
     if recipe is not None:

@@ -9,17 +9,26 @@
 - :class:`ShardSampler`: the epoch's order is ``randperm(n)`` seeded by ``seed + epoch`` (as
   :class:`torch.utils.data.DistributedSampler`), sharded by rank, and can start part-way into an epoch, so an
   interrupted run resumes on exactly the batches it had not seen.
+- :func:`make_loader`: each sample's random augmentation is seeded from ``(seed, epoch, sample index)`` (the
+  Python, NumPy and torch CPU generators, restored afterwards), so it is the same whichever worker or process
+  draws the sample and whether or not the epoch was interrupted: training and resuming are exact for any
+  ``--workers``. Errors raised while loading a batch, in a worker or not, arrive as one line
+  (:class:`DataLoaderError`, or the ``ValueError`` naming an unreadable image).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import random
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -30,6 +39,7 @@ __all__ = [
     "DIGITS_MEAN",
     "DIGITS_STD",
     "DataBundle",
+    "DataLoaderError",
     "DigitsDataset",
     "ImageFolderDataset",
     "ShardSampler",
@@ -66,7 +76,7 @@ class DigitsDataset(Dataset):
     Args:
         split: ``"train"`` or ``"val"``.
         shift: training augmentation: a random translation by up to ``shift`` pixels (zero fill), drawn from
-            torch's global generator (so it is seeded, and restored on resume).
+            torch's global generator (seeded per sample by :func:`make_loader`).
         input_size: output side; other than 8 resizes bilinearly.
     """
 
@@ -320,6 +330,127 @@ def build_data(cfg: Any, data_cfg: dict[str, Any], in_chans: int) -> DataBundle:
     return DataBundle(train, val, train.classes, in_chans, size, mean, std, crop_pct, interp, str(root))
 
 
+class DataLoaderError(RuntimeError):
+    """Loading a batch failed (a data-loader worker died, or a dataset/transform raised); one line, with the cause."""
+
+
+#: torch re-raises a worker's exception as ``Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback...``
+_WORKER_CAUGHT = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)")
+
+
+def _one_line(exc: Exception) -> Exception:
+    """The one-line form of an error raised while loading a batch (same text with 0 or N workers)."""
+    text = str(exc).strip()
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) and _WORKER_CAUGHT.match(exc.args[0]):
+        text = exc.args[0].strip()  # str() of a KeyError is the repr of its message
+    caught = _WORKER_CAUGHT.match(text)
+    if caught:  # the worker's own last line, e.g. "ValueError: cannot read image ..."
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        last = lines[-1] if lines else caught.group(1)
+        text = last.split(": ", 1)[1] if last.startswith(caught.group(1) + ": ") else last
+    elif "DataLoader worker" in text:  # killed (out of memory, a signal) or crashed in native code
+        first = text.splitlines()[0]
+        return DataLoaderError(
+            f"a data-loader worker died: {first} (out of memory, killed, or a crash in native code); "
+            "rerun with --workers 0 to see the error in the main process"
+        )
+    if isinstance(exc, ValueError):
+        return ValueError(text.splitlines()[0] if text else type(exc).__name__)
+    name = caught.group(1) if caught else type(exc).__name__
+    first = text.splitlines()[0] if text else ""
+    return DataLoaderError(f"loading a batch failed: {name}: {first}")
+
+
+class _OneLineErrors:
+    """Iterator wrapper: every loading error becomes :func:`_one_line`'s form (the cause stays chained)."""
+
+    def __init__(self, it: Any) -> None:
+        self._it = it
+
+    def __iter__(self) -> _OneLineErrors:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except Exception as exc:
+            self._close()
+            if isinstance(exc, ValueError) and "\n" not in str(exc) and not _WORKER_CAUGHT.match(str(exc)):
+                raise  # already one line (the 0-worker form)
+            raise _one_line(exc) from exc
+
+    def _close(self) -> None:
+        """Stop the workers now, not when the traceback that holds this iterator is freed."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            with contextlib.suppress(Exception):
+                shutdown()
+
+
+class _Loader(DataLoader):
+    """:class:`~torch.utils.data.DataLoader` whose iterators report loading errors in one line."""
+
+    def __iter__(self) -> Any:  # type: ignore[override]
+        return _OneLineErrors(super().__iter__())
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser: a cheap, well-spread 64-bit hash."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    return _mix64(_mix64(_mix64(seed & _MASK64) ^ epoch) ^ index)
+
+
+class _PerSampleSeed(Dataset):
+    """``dataset[i]`` with the Python, NumPy and torch CPU generators seeded from ``(sampler seed, epoch, i)``:
+    augmentation is independent of worker, process, order and interruptions. In the main process (no workers)
+    the generators' states are saved before a batch and restored after it, so the training's own random
+    streams (dropout, Mixup) do not depend on the data either."""
+
+    def __init__(self, dataset: Dataset, sampler: ShardSampler) -> None:
+        self.dataset, self.sampler = dataset, sampler
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:  # torch's fetcher calls this once per batch
+        from torch.utils.data import get_worker_info
+
+        saved = None
+        if get_worker_info() is None:
+            saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        try:
+            out = []
+            for i in indices:
+                s = _sample_seed(self.sampler.seed, self.sampler.epoch, i)
+                random.seed(s)
+                np.random.seed(s & 0xFFFFFFFF)
+                torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed would also reseed CUDA
+                out.append(self.dataset[i])
+            return out
+        finally:
+            if saved is not None:
+                random.setstate(saved[0])
+                np.random.set_state(saved[1])
+                torch.set_rng_state(saved[2])
+
+
 def make_loader(
     dataset: Dataset,
     sampler: ShardSampler,
@@ -329,13 +460,18 @@ def make_loader(
     drop_last: bool = False,
     pin_memory: bool = False,
 ) -> DataLoader:
-    return DataLoader(
-        dataset,
+    """A loader over ``dataset`` in ``sampler``'s order: per-sample seeded augmentation, one-line errors.
+
+    Shape:
+        yields ``(x (B, C, H, W), y (B,), skipped_paths)`` (see :func:`collate_skip`).
+    """
+    return _Loader(
+        _PerSampleSeed(dataset, sampler),
         batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         drop_last=drop_last,
         collate_fn=collate_skip,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=False,  # workers fork per epoch with the sampler's current epoch
     )

@@ -24,7 +24,15 @@ import torch.nn.functional as F
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["EpochResult", "NonFiniteLossError", "StepControl", "autocast_for", "evaluate", "train_one_epoch"]
+__all__ = [
+    "EpochResult",
+    "EpochTotals",
+    "NonFiniteLossError",
+    "StepControl",
+    "autocast_for",
+    "evaluate",
+    "train_one_epoch",
+]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -51,6 +59,17 @@ class StepControl:
     should_stop: Callable[[], bool] = lambda: False
     after_update: Callable[[int, int], None] | None = None
     max_updates: int | None = None
+
+
+@dataclass
+class EpochTotals:
+    """Running sums of one epoch. Checkpointed mid-epoch and passed back on resume, so an interrupted epoch
+    reports the same mean loss and counts as an uninterrupted one."""
+
+    loss_sum: float = 0.0  # sum of per-sample losses
+    seen: int = 0  # samples in ``loss_sum``
+    skipped_nonfinite: int = 0
+    bad_images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -86,6 +105,142 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+@dataclass
+class _EpochLoop:
+    """The work of :func:`train_one_epoch`: forward/backward per micro-batch, an update per accumulation group."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    epoch: int
+    device: torch.device
+    scheduler: Any
+    control: StepControl
+    accum_steps: int
+    clip_grad: float | None
+    clip_mode: str
+    amp_dtype: torch.dtype | None
+    scaler: Any
+    ema: Any
+    mixup_fn: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
+    channels_last: bool
+    nan_policy: str
+    updates: int
+    i: int  # batches of the epoch consumed so far
+    n_batches: int
+    totals: EpochTotals = field(default_factory=EpochTotals)
+    seen_timed: int = 0  # samples trained on in this call (throughput)
+    poisoned: bool = False  # a micro-batch of the current accumulation group had a non-finite loss
+    stop_reason: str = ""
+    lr: float = 0.0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def run(self, loader: Any, bar: Any) -> None:
+        self.lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        for batch in loader:
+            x, y = batch[0], batch[1]
+            if len(batch) > 2 and batch[2]:
+                self.totals.bad_images.extend(batch[2])
+            self.i += 1
+            last_of_group = self.i % self.accum_steps == 0 or self.i == self.n_batches  # aligned to the epoch start
+            if x.numel() > 0:  # else every image of the batch was unreadable and skipped
+                self.batch(x, y, last_of_group)
+                if bar is not None:
+                    elapsed = max(time.perf_counter() - self.t0, 1e-9)
+                    loss = f"{self.totals.loss_sum / max(self.totals.seen, 1):.4f}"
+                    bar.set_postfix(loss=loss, lr=f"{self.lr:.2e}", img_s=f"{self.seen_timed / elapsed:.0f}")
+            if bar is not None:
+                bar.update(1)
+            if x.numel() > 0 and last_of_group and self.should_stop():
+                break
+
+    def batch(self, x: torch.Tensor, y: torch.Tensor, last_of_group: bool) -> None:
+        x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if self.mixup_fn is not None:
+            x, y = self.mixup_fn(x, y)
+        self.forward_backward(x, y, sync=last_of_group)
+        if last_of_group:
+            self.update()
+            self.updates += 1
+            if self.scheduler is not None:
+                self.scheduler.step_update(num_updates=self.updates)
+            self.lr = self.optimizer.param_groups[0]["lr"]
+            if self.control.after_update is not None:
+                self.control.after_update(self.updates, self.i)
+
+    def should_stop(self) -> bool:
+        if self.control.max_updates is not None and self.updates >= self.control.max_updates:
+            self.stop_reason = "max_steps"
+        elif _any_rank(self.control.should_stop(), self.device):
+            self.stop_reason = "signal"
+        return bool(self.stop_reason)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, *, sync: bool) -> None:
+        """Accumulate the gradient of one micro-batch (``sync=False``: skip DDP's all-reduce, not the last one)."""
+        ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+        if not sync and hasattr(self.model, "no_sync"):
+            ctx = self.model.no_sync()  # type: ignore[operator]
+        with ctx:
+            with autocast_for(self.device, self.amp_dtype):
+                out = self.model(x)
+                loss = self.loss_fn(out, y)
+            if _any_rank(not bool(torch.isfinite(loss.detach()).all()), self.device):
+                if self.nan_policy == "stop":
+                    raise NonFiniteLossError(self.epoch, self.i - 1, self.updates, float(loss.detach().float()))
+                self.poisoned = True
+            else:
+                scaled = loss / self.accum_steps
+                if self.scaler is not None:
+                    self.scaler.scale(scaled).backward()
+                else:
+                    scaled.backward()
+                self.totals.loss_sum += float(loss.detach()) * x.shape[0]
+                self.totals.seen += x.shape[0]
+        self.seen_timed += x.shape[0]
+
+    def update(self) -> None:
+        """Apply the accumulated gradient (clip, optimizer, scaler, EMA), or drop it if the group was poisoned."""
+        from timm.utils import dispatch_clip_grad
+
+        opt, scaler = self.optimizer, self.scaler
+        if self.poisoned:
+            self.totals.skipped_nonfinite += 1
+            _logger.warning("non-finite loss at epoch %d batch %d: update skipped", self.epoch, self.i - 1)
+            opt.zero_grad(set_to_none=True)
+            self.poisoned = False
+            return
+        if scaler is not None and self.clip_grad is not None:
+            scaler.unscale_(opt)
+        if self.clip_grad is not None:
+            dispatch_clip_grad(self.model.parameters(), self.clip_grad, mode=self.clip_mode)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.updates)
+
+    def result(self) -> EpochResult:
+        seconds = time.perf_counter() - self.t0
+        return EpochResult(
+            loss=self.totals.loss_sum / self.totals.seen if self.totals.seen else math.nan,
+            lr=self.lr,
+            images_per_s=self.seen_timed / max(seconds, 1e-9),
+            updates=self.updates,
+            batches_done=self.i,
+            seconds=seconds,
+            complete=self.i >= self.n_batches,
+            stop_reason=self.stop_reason,
+            skipped_nonfinite=self.totals.skipped_nonfinite,
+            bad_images=list(self.totals.bad_images),
+        )
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Any,
@@ -108,129 +263,62 @@ def train_one_epoch(
     nan_policy: str = "stop",
     control: StepControl | None = None,
     progress: bool = True,
+    totals: EpochTotals | None = None,
 ) -> EpochResult:
     """Train over ``loader`` (which already starts after ``batches_done`` batches of this epoch).
 
     Args:
         updates: optimizer updates done before this call (drives the per-update scheduler).
         batches_done: batches of this epoch already consumed (resume part-way through an epoch).
+        totals: the epoch's running sums, updated in place (pass the checkpointed ones to continue an epoch).
         accum_steps: micro-batches per optimizer update; the loss is divided by it.
         nan_policy: ``"stop"`` raises :class:`NonFiniteLossError`, ``"skip"`` drops the update and counts it.
 
     Shape:
         loader yields ``(x (B, C, H, W), y (B,), skipped_paths)``.
     """
-    from timm.utils import dispatch_clip_grad
-
-    control = control or StepControl()
     model.train()
-    total = len(loader) + batches_done
+    n_batches = len(loader) + batches_done
+    loop = _EpochLoop(
+        model=model,
+        optimizer=optimizer,
+        loss_fn=loss_fn,
+        epoch=epoch,
+        device=device,
+        scheduler=scheduler,
+        control=control or StepControl(),
+        accum_steps=accum_steps,
+        clip_grad=clip_grad,
+        clip_mode=clip_mode,
+        amp_dtype=amp_dtype,
+        scaler=scaler,
+        ema=ema,
+        mixup_fn=mixup_fn,
+        channels_last=channels_last,
+        nan_policy=nan_policy,
+        updates=updates,
+        i=batches_done,
+        n_batches=n_batches,
+        totals=totals if totals is not None else EpochTotals(),
+    )
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(
-            total=total, initial=batches_done, desc=f"epoch {epoch}", file=sys.stderr, leave=False, dynamic_ncols=True
+            total=n_batches,
+            initial=batches_done,
+            desc=f"epoch {epoch}",
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
         )
-    loss_sum, seen, seen_timed, skipped_nonfinite = 0.0, 0, 0, 0
-    bad: list[str] = []
-    poisoned = False
-    t0 = time.perf_counter()
-    i = batches_done
-    stop_reason = ""
-    lr = optimizer.param_groups[0]["lr"]
-    optimizer.zero_grad(set_to_none=True)
-    n_batches = total
-    for batch in loader:
-        x, y = batch[0], batch[1]
-        if len(batch) > 2 and batch[2]:
-            bad.extend(batch[2])
-        i += 1
-        last_of_group = i % accum_steps == 0 or i == n_batches  # groups aligned to the epoch start
-        if x.numel() == 0:  # every image of the batch was unreadable and skipped
-            if bar is not None:
-                bar.update(1)
-            continue
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        if mixup_fn is not None:
-            x, y = mixup_fn(x, y)
-        sync_ctx: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
-        if not last_of_group and hasattr(model, "no_sync"):
-            sync_ctx = model.no_sync()  # type: ignore[operator]
-        with sync_ctx:
-            with autocast_for(device, amp_dtype):
-                out = model(x)
-                loss = loss_fn(out, y)
-            bad_loss = _any_rank(not bool(torch.isfinite(loss.detach()).all()), device)
-            if bad_loss:
-                if nan_policy == "stop":
-                    if bar is not None:
-                        bar.close()
-                    raise NonFiniteLossError(epoch, i - 1, updates, float(loss.detach().float()))
-                poisoned = True
-            else:
-                scaled = loss / accum_steps
-                if scaler is not None:
-                    scaler.scale(scaled).backward()
-                else:
-                    scaled.backward()
-                loss_sum += float(loss.detach()) * x.shape[0]
-                seen += x.shape[0]
-        seen_timed += x.shape[0]
-        if last_of_group:
-            if poisoned:
-                skipped_nonfinite += 1
-                _logger.warning("non-finite loss at epoch %d batch %d: update skipped", epoch, i - 1)
-                optimizer.zero_grad(set_to_none=True)
-                poisoned = False
-            else:
-                if scaler is not None:
-                    if clip_grad is not None:
-                        scaler.unscale_(optimizer)
-                        dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    if clip_grad is not None:
-                        dispatch_clip_grad(model.parameters(), clip_grad, mode=clip_mode)
-                    optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if ema is not None:
-                    ema.update(model, step=updates)
-            updates += 1
-            if scheduler is not None:
-                scheduler.step_update(num_updates=updates)
-            lr = optimizer.param_groups[0]["lr"]
-            if control.after_update is not None:
-                control.after_update(updates, i)
+    try:
+        loop.run(loader, bar)
+    finally:
         if bar is not None:
-            elapsed = max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss_sum / max(seen, 1):.4f}", lr=f"{lr:.2e}", img_s=f"{seen_timed / elapsed:.0f}")
-            bar.update(1)
-        if last_of_group:
-            if control.max_updates is not None and updates >= control.max_updates:
-                stop_reason = "max_steps"
-                break
-            if _any_rank(control.should_stop(), device):
-                stop_reason = "signal"
-                break
-    if bar is not None:
-        bar.close()
-    seconds = time.perf_counter() - t0
-    return EpochResult(
-        loss=loss_sum / seen if seen else math.nan,
-        lr=lr,
-        images_per_s=seen_timed / max(seconds, 1e-9),
-        updates=updates,
-        batches_done=i,
-        seconds=seconds,
-        complete=i >= n_batches,
-        stop_reason=stop_reason,
-        skipped_nonfinite=skipped_nonfinite,
-        bad_images=bad,
-    )
+            bar.close()
+    return loop.result()
 
 
 @torch.no_grad()

@@ -87,17 +87,20 @@ def load_model(
     path = Path(checkpoint) if checkpoint is not None else None
     state_file, weights = (None, None) if path is None else _resolve(path, use_ema)
     if state_file is not None:
-        state = ckpt.load_state(state_file)
+        if weights is None:  # the state file names its weights: read the pair consistently (a run may be writing)
+            key = "ema_weights" if use_ema else "weights"
+            if use_ema and "ema_weights" not in ckpt.load_state(state_file):
+                raise ValueError(f"{state_file}: this run has no EMA weights (trained without --model-ema)")
+            state, weights, sd = ckpt.read_checkpoint_consistently(state_file, key)
+        else:
+            state, sd = ckpt.load_state(state_file), ckpt.read_weights(weights)
+        if "model_name" not in state:
+            raise ckpt.CheckpointError(f"{state_file}: no model name in this state file; pass its weights and --model")
         name = str(state["model_name"])
-        kwargs = dict(state.get("model_kwargs", {}))
+        kwargs = dict(state.get("model_kwargs") or {})
         kwargs["pretrained"] = False
         model = create_model(name, **kwargs)
-        if weights is None:
-            key = "ema_weights" if use_ema else "weights"
-            if key not in state:
-                raise ValueError(f"{state_file}: this run has no EMA weights (trained without --model-ema)")
-            weights = ckpt.state_weights_path(state_file, state, key)
-        ckpt.load_weights(model, weights, strict=strict)
+        ckpt.apply_weights(model, sd, weights, strict=strict)
         data = dict(state.get("data", {}))
         classes = list(data.get("classes", [])) or [str(i) for i in range(int(state.get("num_classes", 0)))]
         return LoadedModel(model.eval().to(device), name, weights, classes, data, state)

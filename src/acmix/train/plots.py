@@ -1,4 +1,9 @@
-"""PNG plots for a run folder (loss and accuracy per epoch) and of ACmix alpha/beta by depth (matplotlib, Agg)."""
+"""PNG plots for a run folder (loss and accuracy per epoch) and of ACmix alpha/beta by depth (matplotlib, Agg).
+
+Each PNG is rendered in memory and written atomically (:func:`acmix.train.checkpoint.atomic_write_bytes`): a reader
+never sees half a file, and a failed write (full disk) raises :class:`~acmix.train.checkpoint.WriteError` and leaves
+the previous plot in place.
+"""
 
 from __future__ import annotations
 
@@ -33,48 +38,72 @@ def _pyplot() -> _Figures:
     return _Figures()
 
 
+def _save_png(fig: Any, path: Path) -> None:
+    import io
+
+    from .checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    atomic_write_bytes(path, buf.getvalue())
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The JSON-lines metrics file of a run, one dict per epoch."""
+    """The JSON-lines metrics file of a run, one dict per epoch (a line that is not a JSON object is skipped)."""
     rows = []
     for line in Path(path).read_text().splitlines():
         line = line.strip()
-        if line:
-            rows.append(json.loads(line))
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            _logger.warning("%s: skipping a line that is not JSON: %.60s", path, line)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
+def _draw(path: Path, epochs: list[int], series: list[tuple[str, list[Any], str]], ylabel: str) -> None:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    try:
+        for label, values, marker in series:
+            ax.plot(epochs, values, marker=marker, label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(ylabel)
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        _save_png(fig, path)
+    finally:
+        plt.close(fig)
+
+
 def plot_metrics(rows: Sequence[dict[str, Any]], out_dir: str | Path) -> list[Path]:
-    """Write ``loss.png`` (train/val loss) and ``accuracy.png`` (val top-1/top-5) into ``out_dir``."""
+    """Write ``loss.png`` (train/val loss) and ``accuracy.png`` (val top-1/top-5) into ``out_dir``.
+
+    Raises:
+        WriteError: a plot could not be written (after trying the other one).
+    """
     if not rows:
         return []
-    plt = _pyplot()
     out_dir = Path(out_dir)
     epochs = [r["epoch"] + 1 for r in rows]
-    written = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(epochs, [r.get("train_loss") for r in rows], marker="o", label="train")
-    ax.plot(epochs, [r.get("val_loss") for r in rows], marker="o", label="validation")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    written.append(out_dir / "loss.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.plot(epochs, [r.get("val_top1") for r in rows], marker="o", label="val top-1")
-    ax.plot(epochs, [r.get("val_top5") for r in rows], marker="o", label="val top-5")
+    loss = [("train", [r.get("train_loss") for r in rows], "o"), ("validation", [r.get("val_loss") for r in rows], "o")]
+    acc = [("val top-1", [r.get("val_top1") for r in rows], "o"), ("val top-5", [r.get("val_top5") for r in rows], "o")]
     if any("ema_top1" in r for r in rows):
-        ax.plot(epochs, [r.get("ema_top1") for r in rows], marker=".", label="EMA top-1")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("accuracy (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    written.append(out_dir / "accuracy.png")
-    fig.savefig(written[-1], dpi=100)
-    plt.close(fig)
+        acc.append(("EMA top-1", [r.get("ema_top1") for r in rows], "."))
+    written, errors = [], []
+    for name, series, ylabel in (("loss.png", loss, "loss"), ("accuracy.png", acc, "accuracy (%)")):
+        try:
+            _draw(out_dir / name, epochs, series, ylabel)
+            written.append(out_dir / name)
+        except OSError as exc:
+            errors.append(exc)
+    if errors:
+        raise errors[0]
     return written
 
 
@@ -97,6 +126,8 @@ def plot_alpha_beta(rows: Sequence[dict[str, Any]], path: str | Path, title: str
         ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        _save_png(fig, path)
+    finally:
+        plt.close(fig)
     return path
