@@ -121,7 +121,8 @@ class ACmixMicro(nn.Module):
             nn.ReLU(inplace=True),
         )
         stages = []
-        self.feature_info: list[dict[str, Any]] = []
+        # the stem is a feature level too (full resolution), so features_only gives >= 3 levels as timm's models do
+        self.feature_info: list[dict[str, Any]] = [dict(num_chs=embed_dims[0], reduction=1, module="stem.2")]
         dim, reduction = embed_dims[0], 1
         for i, (dim_out, depth) in enumerate(zip(embed_dims, depths)):
             blocks = []
@@ -233,7 +234,7 @@ def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> ACmi
         variant,
         pretrained,
         pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None),
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1)),
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
         **kwargs,
     )
 

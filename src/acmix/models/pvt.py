@@ -465,8 +465,9 @@ def _create_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> Pyrami
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    # PVT evaluates Resize 256 -> CenterCrop 224, bicubic (DeiT recipe, whai362/PVT main.py)
-    return acmix_cfg(first_conv="stages.0.patch_embed.proj", classifier="head", pool_size=None, **kwargs)
+    # PVT evaluates Resize 256 -> CenterCrop 224, bicubic (DeiT recipe, whai362/PVT main.py); pool_size: the
+    # stage-4 map at 224 x 224 (7 x 7 tokens behind the cls token)
+    return acmix_cfg(first_conv="stages.0.patch_embed.proj", classifier="head", pool_size=(7, 7), **kwargs)
 
 
 _PVT_META = dict(
