@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import local_attention
-from ..ops._checks import check_odd_kernel, check_stride
+from ..ops._checks import check_odd_kernel, check_stride, is_symbolic
 from ..ops.conv_path import group_order
 from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
@@ -25,9 +25,28 @@ from .conv_path import ConvPathMixin
 
 def position_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The official coordinate map (1, 2, H, W): channel 0 is linspace(-1, 1) over W, channel 1 over H."""
-    loc_w = torch.linspace(-1.0, 1.0, w, dtype=dtype, device=device).expand(h, w)
-    loc_h = torch.linspace(-1.0, 1.0, h, dtype=dtype, device=device).unsqueeze(1).expand(h, w)
+    loc_w = _linspace(w, dtype, device).expand(h, w)
+    loc_h = _linspace(h, dtype, device).unsqueeze(1).expand(h, w)
     return torch.stack([loc_w, loc_h]).unsqueeze(0)
+
+
+def _linspace(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.linspace(-1, 1, n)``; while ``torch.export`` traces, the same values from ``arange`` (within one ulp),
+    because ``linspace`` fixes a symbolic ``n`` to the traced size (an ONNX graph would then refuse other sizes)."""
+    if not torch.jit.is_scripting():
+        if _exporting():
+            idx = torch.arange(n, dtype=dtype, device=device)
+            step = 2.0 / max(n - 1, 1)
+            return torch.where(idx < n // 2, idx * step - 1.0, 1.0 - (n - 1 - idx) * step)
+    return torch.linspace(-1.0, 1.0, n, dtype=dtype, device=device)
+
+
+def _exporting() -> bool:
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
+    return bool(is_exporting()) if is_exporting is not None else False
+
+
+torch.fx.wrap("position_grid")  # one leaf node under torch.fx (its sizes may be Proxies)
 
 
 class ACmix(ConvPathMixin, nn.Module):
@@ -143,6 +162,8 @@ class ACmix(ConvPathMixin, nn.Module):
         return self.pos_proj(grid)[0].to(like.dtype)  # (head_dim, H, W)
 
     def _check_input(self, x: Any) -> None:
+        if is_symbolic(x):
+            return
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"ACmix expects a torch.Tensor (B, {self.dim}, H, W), got {type(x).__name__}")
         if x.dim() != 4:
@@ -177,8 +198,8 @@ class ACmix(ConvPathMixin, nn.Module):
         """q, k, v (B, N, D, H, W) as strided views of the group-ordered projection (B, 3C, H, W)."""
         b, _, h, w = qkv.shape
         g = qkv.view(b, self.head_dim, 3, self.num_heads, h, w)  # (B, D, 3, N, H, W)
-        q, k, v = (g[:, :, t].transpose(1, 2) for t in range(3))  # (B, N, D, H, W) each
-        return q, k, v
+        # (B, N, D, H, W) each (no generator expression: TorchScript compiles this)
+        return g[:, :, 0].transpose(1, 2), g[:, :, 1].transpose(1, 2), g[:, :, 2].transpose(1, 2)
 
     def attention_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Local attention on (B, N, D, H, W) heads -> (B, C, Ho, Wo), channel head * head_dim + d."""
@@ -189,7 +210,8 @@ class ACmix(ConvPathMixin, nn.Module):
         return out.reshape(b, n * d, out.shape[-2], out.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # eager (and compile/export) only: TorchScript and torch.fx skip the checks
+            self._check_input(x)
         qkv = self.project(x)  # Stage I: (B, 3C, H, W) in group order
         att = self.attention_heads(*self.split_heads(qkv)) if self.uses_attention else None
         conv = self.convolution_maps(qkv, self.stride, order="groups") if self.uses_convolution else None
