@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.nn.utils.clip_grad_norm_(params, 10.0)
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         detector.eval()
         with torch.no_grad():
             dets = [d for i in range(0, args.val_images, 16) for d in detector(val_x[i : i + 16])]

@@ -1,6 +1,6 @@
 """Semantic segmentation with an ACmix encoder in segmentation_models_pytorch, trained on generated shapes.
 
-Every image is noise with a bright rectangle (class 1) and a dark one (class 2); an smp FPN decoder over the
+Every image is noise with a bright rectangle (class 1) and a dark one (class 2); an smp UPerNet decoder over the
 ``tu-acmix_resnet26`` encoder (timm's ``features_only``, no pretrained weights) learns to label them, and the
 validation mIoU printed after each epoch rises. CPU, about a minute::
 
@@ -51,7 +51,7 @@ def mean_iou(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> floa
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="tu-acmix_resnet26", help="smp encoder name (tu- + any registered model)")
-    p.add_argument("--decoder", default="FPN", help="smp architecture: FPN, UPerNet, Unet...")
+    p.add_argument("--decoder", default="UPerNet", help="smp architecture with decoder_channels: UPerNet, Unet...")
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--train-images", type=int, default=96)
     p.add_argument("--val-images", type=int, default=32)
@@ -66,10 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     h, w = args.size
     encoder_kwargs = dict(layers=(1, 1, 1, 1)) if args.tiny or args.model == "tu-acmix_resnet26" else {}
+    width = 16 if args.tiny else 64
+    decoder_channels = width if args.decoder == "UPerNet" else [width] * 5
     model = getattr(smp, args.decoder)(
-        args.model, encoder_weights=None, classes=len(CLASSES), decoder_channels=64 if not args.tiny else 16,
-        **encoder_kwargs,
-    )  # fmt: skip
+        args.model, encoder_weights=None, classes=len(CLASSES), decoder_channels=decoder_channels, **encoder_kwargs
+    )
     train_x, train_y = shapes_on_noise(args.train_images, h, w, seed=0)
     val_x, val_y = shapes_on_noise(args.val_images, h, w, seed=1)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
         model.eval()
         with torch.no_grad():
             pred = torch.cat([model(val_x[i : i + 16]).argmax(1) for i in range(0, args.val_images, 16)])

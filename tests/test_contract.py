@@ -12,8 +12,9 @@ SAN, PVT and ResNet-SAN baselines), so a model is checked the moment it is regis
 * ``fx``: ``torch.fx.symbolic_trace(model)`` gives the eager output and gradients, and the traced graph scripts;
 * ``export`` / ``onnx`` (slow for most): ``torch.export`` and the dynamic-axis ONNX file of ``acmix export``.
 
-Float32, tolerance 1e-5. The default suite runs small inputs (32 x 64, acmix_micro 8 x 12); the heavy models (the
-``small``, ``50`` and ``19`` variants) run behind ``slow`` (``make test-slow``).
+Float32, tolerance 1e-5. The default suite runs small inputs (32 x 64, acmix_micro 8 x 12) on the smallest model of
+each family and its baselines; the deeper variants (``small``, ``38``/``15``, ``50``/``19``) and the exports of every
+model but acmix_micro run behind ``slow`` (``make test-slow``).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from acmix.models import ACMIX_ENTRYPOINTS
 
 MODELS = sorted(set(timm.list_models("acmix*")) | set(ACMIX_ENTRYPOINTS))
 #: the heavy variants run behind ``slow`` (the default suite stays within its budget)
-HEAVY = re.compile(r"small|50|19")
+HEAVY = re.compile(r"small|50|38|19|15")
 ATOL = RTOL = 1e-5
 
 
@@ -164,3 +165,61 @@ def test_fx(name):
     # the traced graph scripts, and gives the eager output
     with torch.no_grad():
         _close(torch.jit.script(traced)(x), ref, f"{name} fx + script")
+
+
+def test_scripted_and_traced_models_choose_the_backend_at_run_time(monkeypatch):
+    """``torch.ops.acmix.*`` dispatch per call, so ``use_backend`` steers a scripted or FX-traced model too."""
+    import dataclasses
+
+    from acmix.ops import _dispatch, use_backend
+
+    calls: list[int] = []
+    reference = _dispatch.ATTENTION.get("reference")
+
+    def spy(*args):
+        calls.append(1)
+        return reference.fn(*args)
+
+    monkeypatch.setitem(_dispatch.ATTENTION._backends, "reference", dataclasses.replace(reference, fn=spy))
+    model = built("acmix_micro")
+    x = small_input(model)
+    with torch.no_grad():
+        want = model(x)
+        for runner in (torch.jit.script(model), torch.fx.symbolic_trace(model)):
+            calls.clear()
+            with use_backend(attention="reference"):
+                _close(runner(x), want, type(runner).__name__)
+            assert len(calls) == 2  # acmix_micro's two ACmix layers
+            calls.clear()
+            with use_backend(attention="offset"):
+                _close(runner(x), want, type(runner).__name__)
+            assert not calls
+
+
+# ---------------------------------------------------------------------------------------------- export, ONNX
+#: exporting traces every op: acmix_micro runs by default, every other model behind ``slow``
+def _export_params(names: list[str]) -> list:
+    return [pytest.param(n, id=n, marks=() if n == "acmix_micro" else pytest.mark.slow) for n in names]
+
+
+@pytest.mark.parametrize("name", _export_params(MODELS))
+def test_torch_export(name):
+    model = built(name)
+    x = small_input(model)
+    exported = torch.export.export(model, (x,))
+    with torch.no_grad():
+        _close(exported.module()(x), model(x), f"{name} torch.export")
+
+
+@pytest.mark.parametrize("name", _export_params(MODELS))
+def test_onnx_dynamic_batch_and_size(tmp_path, name):
+    """The ONNX file runs at two batch sizes and two other non-square sizes in onnxruntime, as PyTorch does."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from acmix.cli.convert import export_onnx
+
+    model = built(name)
+    x = small_input(model, batch=1)
+    result = export_onnx(model, tmp_path / "m.onnx", tuple(x.shape), dynamic_size=True)
+    assert all(isinstance(result["input_shape"][a], str) for a in (0, 2, 3)), result["input_shape"]
+    assert len(result["checked"]) == 4 and result["max_abs_diff"] <= 1e-4

@@ -91,7 +91,12 @@ def _segmentation_step(model: nn.Module, images: torch.Tensor, masks: torch.Tens
 def test_smp_segmentation_train_and_eval(name, kwargs, arch):
     smp = pytest.importorskip("segmentation_models_pytorch")
     torch.manual_seed(0)
-    model = getattr(smp, arch)(f"tu-{name}", encoder_weights=None, classes=3, decoder_channels=32, **kwargs)
+    narrow = (
+        dict(decoder_channels=32)
+        if arch == "UPerNet"
+        else dict(decoder_pyramid_channels=32, decoder_segmentation_channels=16)
+    )
+    model = getattr(smp, arch)(f"tu-{name}", encoder_weights=None, classes=3, **narrow, **kwargs)
     images, masks, _ = shapes_on_noise(2, 64, 96)
     _segmentation_step(model, images, masks, 3)
 

@@ -115,7 +115,8 @@ def export_onnx(
     Args:
         model: any acmix/timm model.
         out: the ``.onnx`` file (written atomically).
-        input_size: (B, C, H, W) of the traced input.
+        input_size: (B, C, H, W) of the traced input (with a dynamic batch, B = 1 traces a batch of 2:
+            ``torch.export`` fixes axes of size 1).
         opset: ONNX opset (>= 17).
         check: run the graph in onnxruntime at every shape of :func:`check_shapes` (the traced one, another batch
             size, two other non-square sizes) and raise ValueError where it differs from PyTorch by more than
@@ -137,6 +138,8 @@ def export_onnx(
     out_path = Path(out)
     model = model.eval()
     gen = torch.Generator().manual_seed(0)
+    if dynamic_batch and input_size[0] == 1:  # torch.export fixes axes of size 1: trace a batch of 2
+        input_size = (2, *input_size[1:])
     x = torch.randn(*input_size, generator=gen)
     axes = ([0] if dynamic_batch else []) + ([2, 3] if dynamic_size else [])
     dynamic_shapes = {"x": {a: torch.export.Dim.AUTO for a in axes}} if axes else None
