@@ -191,7 +191,9 @@ class ACmix(ConvPathMixin, nn.Module):
         """Stage I in the conv path's group order: (B, dim, H, W) -> (B, 3C, H, W), channel d * 3N + t * N + j
         (t in q, k, v; j the head; d < head_dim). :meth:`split_heads` views q, k, v in it."""
         order = self.qkv_order
-        bias = None if self.qkv.bias is None else self.qkv.bias[order]
+        bias = self.qkv.bias
+        if bias is not None:
+            bias = bias[order]
         return F.conv2d(x, self.qkv.weight[order], bias)
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ class FPNBackbone(nn.Module):
     ) -> None:
         super().__init__()
         model = timm.create_model(name, **kwargs)
-        levels = [info for info in model.feature_info if info["reduction"] >= min_reduction]
+        levels = [info for info in model.feature_info if info["reduction"] >= min_reduction]  # type: ignore[union-attr]
         if not levels:
             raise ValueError(f"{name} has no feature level with reduction >= {min_reduction}")
         self.nhwc = getattr(model, "output_fmt", "NCHW") == "NHWC"  # Swin's stages are NHWC

@@ -92,8 +92,15 @@ def _channels_last_like(t: torch.Tensor) -> bool:
 
 
 def _check_maps(
-    maps: torch.Tensor, head_dim: int, fc_weight: torch.Tensor, group_weight: torch.Tensor, stride: int
+    maps: torch.Tensor,
+    head_dim: int,
+    fc_weight: torch.Tensor,
+    group_weight: torch.Tensor,
+    stride: int,
+    order: str = "maps",
 ) -> None:
+    if order not in ("maps", "groups"):
+        raise ValueError(f"order must be 'maps' or 'groups', got {order!r}")
     if not isinstance(maps, torch.Tensor) or maps.dim() != 4:
         got = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
         raise ValueError(f"maps must be a 4-D tensor (B, M * head_dim, H, W), got {got}")
@@ -144,9 +151,7 @@ def conv_path_maps(
     """
     if not torch.jit.is_scripting():
         if not _checks.is_symbolic(maps):
-            _check_maps(maps, head_dim, fc_weight, group_weight, stride)
-            if order not in ("maps", "groups"):
-                raise ValueError(f"order must be 'maps' or 'groups', got {order!r}")
+            _check_maps(maps, head_dim, fc_weight, group_weight, stride, order)
     return torch.ops.acmix.conv_path_maps(maps, head_dim, fc_weight, group_weight, fc_bias, stride, impl, order)
 
 
