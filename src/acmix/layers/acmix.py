@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import local_attention
-from ..ops._checks import check_odd_kernel, check_stride, is_symbolic
+from ..ops._checks import check_odd_kernel, check_stride, is_exporting, is_symbolic
 from ..ops.conv_path import group_order
 from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
@@ -34,16 +34,11 @@ def _linspace(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``torch.linspace(-1, 1, n)``; while ``torch.export`` traces, the same values from ``arange`` (within one ulp),
     because ``linspace`` fixes a symbolic ``n`` to the traced size (an ONNX graph would then refuse other sizes)."""
     if not torch.jit.is_scripting():
-        if _exporting():
+        if is_exporting():
             idx = torch.arange(n, dtype=dtype, device=device)
             step = 2.0 / max(n - 1, 1)
             return torch.where(idx < n // 2, idx * step - 1.0, 1.0 - (n - 1 - idx) * step)
     return torch.linspace(-1.0, 1.0, n, dtype=dtype, device=device)
-
-
-def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
-    return bool(is_exporting()) if is_exporting is not None else False
 
 
 torch.fx.wrap("position_grid")  # one leaf node under torch.fx (its sizes may be Proxies)

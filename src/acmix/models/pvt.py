@@ -32,7 +32,7 @@ from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from ..layers.acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention
-from ..ops._checks import is_symbolic
+from ..ops._checks import is_exporting, is_fx_symbolic_tracing, is_symbolic
 from ._loading import OfficialWeightsMixin, build_acmix_model, extract_state_dict, register_checkpoint_filter
 from ._registry_check import acmix_cfg, register_acmix_model
 
@@ -202,7 +202,7 @@ def resize_pos_embed(
     """
     resize = size[0] != grid_size[0] or size[1] != grid_size[1]
     if not torch.jit.is_scripting():
-        if _exporting():
+        if is_exporting():
             resize = True
     if not resize:
         return pos_embed
@@ -210,18 +210,6 @@ def resize_pos_embed(
     grid = pos_embed[:, p:].reshape(1, grid_size[0], grid_size[1], -1).permute(0, 3, 1, 2)  # (1, C, gh, gw)
     grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)  # (1, C, h, w)
     return torch.cat([pos_embed[:, :p], grid.flatten(2).transpose(1, 2)], 1)
-
-
-def _exporting() -> bool:
-    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.5
-    return bool(is_exporting()) if is_exporting is not None else False
-
-
-def _fx_tracing() -> bool:
-    """True while ``torch.fx.symbolic_trace`` runs (not while ``torch.export`` traces)."""
-    fx = torch.fx._symbolic_trace
-    check = getattr(fx, "is_fx_symbolic_tracing", None) or fx.is_fx_tracing  # the former: torch >= 2.9
-    return bool(check())
 
 
 torch.fx.wrap("resize_pos_embed")
@@ -445,9 +433,11 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
         for i, stage in enumerate(self.stages):
             x, size = stage(x, self.cls_token if i == last else None)
             if i != last:
-                x = stage.to_map(x, size)  # type: ignore[operator]  # (B, C, h, w)
+                x = stage.to_map(x, size)  # type: ignore[operator]
             elif not torch.jit.is_scripting():
-                if _fx_tracing():  # a node for stage i's map (feature extraction); unused here, so eager skips it
+                if (
+                    is_fx_symbolic_tracing()
+                ):  # a node for stage i's map (feature extraction); unused here, so eager skips it
                     stage.to_map(x, size)  # type: ignore[operator]
         return self.norm(x)
 

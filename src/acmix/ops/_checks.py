@@ -52,3 +52,16 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 def is_symbolic(x: object) -> bool:
     """True for a ``torch.fx`` Proxy: ``torch.fx.symbolic_trace`` is running, shapes are not known, checks skip."""
     return isinstance(x, torch.fx.Proxy)
+
+
+def is_exporting() -> bool:
+    """True while ``torch.export`` traces (``torch.compiler.is_exporting``, torch >= 2.5; False before)."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check()) if check is not None else False
+
+
+def is_fx_symbolic_tracing() -> bool:
+    """True while ``torch.fx.symbolic_trace`` (or a ``torch.fx.Tracer``) runs, not while ``torch.export`` traces."""
+    fx = torch.fx._symbolic_trace
+    check = getattr(fx, "is_fx_symbolic_tracing", None) or fx.is_fx_tracing  # the former: torch >= 2.9
+    return bool(check())
