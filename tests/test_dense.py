@@ -94,7 +94,7 @@ def test_smp_segmentation_train_and_eval(name, kwargs, arch):
     narrow = (
         dict(decoder_channels=32)
         if arch == "UPerNet"
-        else dict(decoder_pyramid_channels=32, decoder_segmentation_channels=16)
+        else dict(decoder_pyramid_channels=32, decoder_segmentation_channels=32)
     )
     model = getattr(smp, arch)(f"tu-{name}", encoder_weights=None, classes=3, **narrow, **kwargs)
     images, masks, _ = shapes_on_noise(2, 64, 96)
