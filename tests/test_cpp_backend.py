@@ -229,6 +229,9 @@ def test_torch_export_records_the_op():
     args = _inputs((1, 2, 4, 6, 5), torch.float32)
     exported = torch.export.export(Attn(), args)
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert targets == ["acmix.local_attention.default"], targets  # the switchable op, kept whole
+    lowered = exported.run_decompositions()  # its kernel runs: the chosen backend's op is recorded
+    targets = [str(n.target) for n in lowered.graph.nodes if n.op == "call_function"]
     assert any("acmix_cpp.local_attention_fwd" in t for t in targets), targets
     torch.testing.assert_close(exported.module()(*args), Attn()(*args))
 

@@ -17,25 +17,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import local_attention
-from ..ops._checks import check_odd_kernel, check_stride
+from ..ops._checks import check_odd_kernel, check_stride, is_exporting, is_symbolic
 from ..ops.conv_path import group_order
 from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
 
 
-def _linspace_pm1(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """linspace(-1, 1, n); while exporting to ONNX, as arange * step - 1 (the TorchScript exporter, which ultralytics'
-    export uses, writes linspace in float64 whatever the dtype, which onnxruntime then cannot convolve)."""
-    if torch.onnx.is_in_onnx_export():
-        return torch.arange(n, dtype=dtype, device=device) * (2.0 / max(n - 1, 1)) - 1.0
+def position_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The official coordinate map (1, 2, H, W): channel 0 is linspace(-1, 1) over W, channel 1 over H."""
+    loc_w = _linspace(w, dtype, device).expand(h, w)
+    loc_h = _linspace(h, dtype, device).unsqueeze(1).expand(h, w)
+    return torch.stack([loc_w, loc_h]).unsqueeze(0)
+
+
+def _linspace(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.linspace(-1, 1, n)``; while ``torch.export`` traces, the same values from ``arange`` (within one ulp),
+    because ``linspace`` fixes a symbolic ``n`` to the traced size (an ONNX graph would then refuse other sizes)."""
+    if not torch.jit.is_scripting():
+        # the TorchScript ONNX exporter (ultralytics' export uses it) also writes linspace in float64 whatever the
+        # dtype, which onnxruntime then cannot convolve
+        if is_exporting() or torch.onnx.is_in_onnx_export():
+            idx = torch.arange(n, dtype=dtype, device=device)
+            step = 2.0 / max(n - 1, 1)
+            return torch.where(idx < n // 2, idx * step - 1.0, 1.0 - (n - 1 - idx) * step)
     return torch.linspace(-1.0, 1.0, n, dtype=dtype, device=device)
 
 
-def position_grid(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The official coordinate map (1, 2, H, W): channel 0 is linspace(-1, 1) over W, channel 1 over H."""
-    loc_w = _linspace_pm1(w, dtype, device).expand(h, w)
-    loc_h = _linspace_pm1(h, dtype, device).unsqueeze(1).expand(h, w)
-    return torch.stack([loc_w, loc_h]).unsqueeze(0)
+torch.fx.wrap("position_grid")  # one leaf node under torch.fx (its sizes may be Proxies)
 
 
 class ACmix(ConvPathMixin, nn.Module):
@@ -174,6 +182,8 @@ class ACmix(ConvPathMixin, nn.Module):
         return self.pos_proj(grid)[0].to(like.dtype)  # (head_dim, H, W)
 
     def _check_input(self, x: Any) -> None:
+        if is_symbolic(x):
+            return
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"ACmix expects a torch.Tensor (B, {self.dim}, H, W), got {type(x).__name__}")
         if x.dim() != 4:
@@ -201,7 +211,9 @@ class ACmix(ConvPathMixin, nn.Module):
         """Stage I in the conv path's group order: (B, dim, H, W) -> (B, 3C, H, W), channel d * 3N + t * N + j
         (t in q, k, v; j the head; d < head_dim). :meth:`split_heads` views q, k, v in it."""
         order = self.qkv_order
-        bias = None if self.qkv.bias is None else self.qkv.bias[order]
+        bias = self.qkv.bias
+        if bias is not None:
+            bias = bias[order]
         return F.conv2d(x, self.qkv.weight[order], bias)
 
     def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,9 +221,8 @@ class ACmix(ConvPathMixin, nn.Module):
         b, _, h, w = qkv.shape
         parts = qkv.view(b, self.head_dim, 3, self.num_heads, h, w).unbind(2)  # 3 x (B, D, N, H, W)
         # one unbind (not three selects): its backward stacks dq, dk, dv into one map instead of zero-filling the
-        # whole 3C map once per view and adding the three
-        q, k, v = (t.transpose(1, 2) for t in parts)  # (B, N, D, H, W) each
-        return q, k, v
+        # whole 3C map once per view and adding the three; indexed, not a generator (TorchScript compiles this)
+        return parts[0].transpose(1, 2), parts[1].transpose(1, 2), parts[2].transpose(1, 2)
 
     def attention_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Local attention on (B, N, D, H, W) heads -> (B, C, Ho, Wo), channel head * head_dim + d."""
@@ -222,7 +233,8 @@ class ACmix(ConvPathMixin, nn.Module):
         return out.reshape(b, n * d, out.shape[-2], out.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # eager (and compile/export) only: TorchScript and torch.fx skip the checks
+            self._check_input(x)
         qkv = self.project(x)  # Stage I: (B, 3C, H, W) in group order
         att = self.attention_heads(*self.split_heads(qkv)) if self.uses_attention else None
         conv = self.convolution_maps(qkv, self.stride, order="groups") if self.uses_convolution else None

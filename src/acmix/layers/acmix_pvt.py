@@ -12,14 +12,18 @@ attention); prefix tokens (the stage-4 cls token) are only allowed with ``sr_rat
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import cell_upsample
+from ..ops._checks import is_symbolic
 from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
 
 __all__ = ["ACmixSpatialReductionAttention", "SpatialReductionAttention"]
+
+torch.fx.wrap("cell_upsample")  # one leaf node under torch.fx (its index arithmetic needs int sizes)
 
 
 class SpatialReductionAttention(nn.Module):
@@ -69,6 +73,8 @@ class SpatialReductionAttention(nn.Module):
         return f"{self.dim}, num_heads={self.num_heads}, sr_ratio={self.sr_ratio}"
 
     def _check(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int) -> None:
+        if is_symbolic(x):
+            return
         h, w = feat_size
         if x.dim() != 3 or x.shape[1] != num_prefix_tokens + h * w or x.shape[2] != self.dim:
             raise ValueError(f"expected tokens (B, {num_prefix_tokens} + {h}*{w}, {self.dim}), got {tuple(x.shape)}")
@@ -81,12 +87,13 @@ class SpatialReductionAttention(nn.Module):
         self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Stage I: q (B, heads, N, hd) from all N tokens; k, v (B, heads, N', hd) from the reduced map."""
-        self._check(x, feat_size, num_prefix_tokens)
+        if not torch.jit.is_scripting():  # eager only: TorchScript and torch.fx skip the checks
+            self._check(x, feat_size, num_prefix_tokens)
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, N, hd)
         if self.sr is not None:
             assert self.norm is not None
-            x_ = x.transpose(1, 2).reshape(b, c, *feat_size)  # (B, C, H, W)
+            x_ = x.transpose(1, 2).reshape(b, c, feat_size[0], feat_size[1])  # (B, C, H, W)
             x = self.norm(self.sr(x_).flatten(2).transpose(1, 2))  # (B, N', C), N' = (H // r) * (W // r)
         kv = self.kv(x).reshape(b, -1, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (2, B, h, N', hd)
         return q, kv[0], kv[1]
@@ -164,31 +171,29 @@ class ACmixSpatialReductionAttention(ConvPathMixin, SpatialReductionAttention):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.conv_path_repr()}"
 
+    def _head_map(self, t: torch.Tensor, num_prefix_tokens: int, size: tuple[int, int]) -> torch.Tensor:
+        """(B, heads, P + h w, hd) -> (B, heads * hd, h, w): channel head * hd + d (head-major, as conv_path wants)."""
+        return t[:, :, num_prefix_tokens:].transpose(2, 3).reshape(t.shape[0], self.dim, size[0], size[1])
+
     def convolution_path(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int
     ) -> torch.Tensor:
         """q (B, heads, P + H W, hd), k, v (B, heads, P + H' W', hd) -> (B, H W, dim) spatial tokens."""
-        b = q.shape[0]
         h, w = feat_size
         hr, wr = (h // self.sr_ratio, w // self.sr_ratio) if self.sr is not None else (h, w)
         p = num_prefix_tokens
-
-        def to_map(t: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-            # (B, heads, P + h w, hd) -> (B, heads * hd, h, w): channel head * hd + d (head-major, as conv_path wants)
-            return t[:, :, p:].transpose(2, 3).reshape(b, self.dim, *size)
-
-        q_map = to_map(q, (h, w))
-        k_map = cell_upsample(to_map(k, (hr, wr)), (h, w), self.sr_ratio)  # (B, C, H, W)
-        v_map = cell_upsample(to_map(v, (hr, wr)), (h, w), self.sr_ratio)
+        q_map = self._head_map(q, p, (h, w))
+        k_map = cell_upsample(self._head_map(k, p, (hr, wr)), (h, w), self.sr_ratio)  # (B, C, H, W)
+        v_map = cell_upsample(self._head_map(v, p, (hr, wr)), (h, w), self.sr_ratio)
         out = self.convolution_maps(torch.cat([q_map, k_map, v_map], 1))  # (B, C, H, W)
         return out.flatten(2).transpose(1, 2)  # (B, H W, C)
 
     def forward(self, x: torch.Tensor, feat_size: tuple[int, int], num_prefix_tokens: int = 0) -> torch.Tensor:
         q, k, v = self.project(x, feat_size, num_prefix_tokens)
         att = self.attend(q, k, v) if self.uses_attention else None  # (B, P + H W, C)
-        conv = None
+        conv: torch.Tensor | None = None
         if self.uses_convolution:
             conv = self.convolution_path(q, k, v, feat_size, num_prefix_tokens)  # (B, H W, C)
-            if num_prefix_tokens:
+            if num_prefix_tokens > 0:
                 conv = F.pad(conv, (0, 0, num_prefix_tokens, 0))  # prefix tokens: no neighbourhood, conv path 0
         return self.proj_drop(self.mix_paths(att, conv))

@@ -16,11 +16,12 @@ Deviations from hszhao/SAN:
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import local_aggregate
-from ..ops._checks import check_odd_kernel
+from ..ops._checks import check_odd_kernel, is_symbolic
 from ..ops._indexing import reflect_pad2d
 from ..types import ConvImpl, MixMode, ShiftMode
 from .acmix import position_grid
@@ -37,6 +38,11 @@ def _windows(x: torch.Tensor, kernel_size: int) -> torch.Tensor:
     xp = reflect_pad2d(x, kernel_size // 2)  # (B, C, H + 2p, W + 2p)
     cols = F.unfold(xp, kernel_size)  # (B, C*k*k, H*W), channel c * k*k + t
     return cols.reshape(b, c, kernel_size * kernel_size, h, w)
+
+
+# one leaf node each under torch.fx (their index arithmetic branches on sizes)
+torch.fx.wrap("_windows")
+torch.fx.wrap("position_grid")
 
 
 class SanAttention(nn.Module):
@@ -106,13 +112,16 @@ class SanAttention(nn.Module):
         )
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if is_symbolic(x):
+            return
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.dim:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{type(self).__name__} expects a (B, {self.dim}, H, W) tensor, got {got}")
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Stage I: (B, dim, H, W) -> (B, 2 rel_dim + out_dim, H, W), channels [q | k | v]."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # eager only: TorchScript and torch.fx skip the checks
+            self._check_input(x)
         return self.qkv(x)
 
     def attention_path(self, qkv: torch.Tensor) -> torch.Tensor:

@@ -21,14 +21,42 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, window_partition, window_reverse
 
+from ..ops._checks import is_symbolic
 from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
 
 __all__ = ["ACmixSwinBlock", "ACmixWindowAttention"]
+
+
+def shift_window_mask(x: torch.Tensor, window_size: tuple[int, int], shift_size: tuple[int, int]) -> torch.Tensor:
+    """The SW-MSA mask of a rolled, padded map (timm's ``get_attn_mask`` for its size; a ``torch.fx`` leaf).
+
+    Positions from different regions of the cyclic shift may not attend to each other: their logits get -100.
+
+    Shape:
+        x (B, Hp, Wp, C), Hp and Wp multiples of the window -> (num_windows, ws0 * ws1, ws0 * ws1).
+    """
+    hp, wp = x.shape[1], x.shape[2]
+    ws0, ws1 = window_size
+    img = torch.zeros((1, hp, wp, 1), dtype=x.dtype, device=x.device)
+    bounds_h = [(0, hp - ws0), (hp - ws0, hp - shift_size[0]), (hp - shift_size[0], hp)]
+    bounds_w = [(0, wp - ws1), (wp - ws1, wp - shift_size[1]), (wp - shift_size[1], wp)]
+    region = 0
+    for h0, h1 in bounds_h:
+        for w0, w1 in bounds_w:
+            img[:, h0:h1, w0:w1, :] = float(region)
+            region += 1
+    windows = window_partition(img, window_size).reshape(-1, ws0 * ws1)  # (nW, N)
+    diff = windows.unsqueeze(1) - windows.unsqueeze(2)  # (nW, N, N)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+torch.fx.wrap("shift_window_mask")
 
 
 class ACmixWindowAttention(ConvPathMixin, WindowAttention):
@@ -167,19 +195,27 @@ class ACmixWindowAttention(ConvPathMixin, WindowAttention):
         out = self.convolution_maps(qkv.permute(0, 3, 1, 2))  # (B, 3C, H, W) head maps [q | k | v] -> (B, C, H, W)
         return out.permute(0, 2, 3, 1)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if is_symbolic(x):
+            return
+        if x.dim() != 4:
+            raise ValueError(f"ACmixWindowAttention expects a (B, H, W, C) map, got shape {tuple(x.shape)}")
+        hp, wp = x.shape[1], x.shape[2]
+        if hp % self.window_size[0] or wp % self.window_size[1]:
+            raise ValueError(f"map {hp}x{wp} is not a multiple of the window {self.window_size}; pad it first")
+
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, mask: torch.Tensor | None = None, size: tuple[int, int] | None = None
     ) -> torch.Tensor:
         """Attention over windows of ``x`` plus the convolution path over its top-left ``size`` region."""
-        if x.dim() != 4:
-            raise ValueError(f"ACmixWindowAttention expects a (B, H, W, C) map, got shape {tuple(x.shape)}")
+        if not torch.jit.is_scripting():  # eager only: TorchScript and torch.fx skip the checks
+            self._check_input(x)
         b, hp, wp, c = x.shape
         h, w = size if size is not None else (hp, wp)
         ws0, ws1 = self.window_size
-        if hp % ws0 or wp % ws1:
-            raise ValueError(f"map {hp}x{wp} is not a multiple of the window {self.window_size}; pad it first")
         qkv = self.qkv(x)  # Stage I on the whole map: (B, Hp, Wp, 3C)
-        att = conv = None
+        att: torch.Tensor | None = None
+        conv: torch.Tensor | None = None
         if self.uses_attention:
             windows = window_partition(qkv, self.window_size).view(-1, ws0 * ws1, 3 * c)  # (nW*B, N, 3C)
             att = self.attention_windows(windows, mask).view(-1, ws0, ws1, c)
@@ -228,7 +264,9 @@ class ACmixSwinBlock(SwinTransformerBlock):
         pad_h = (self.window_size[0] - h % self.window_size[0]) % self.window_size[0]
         pad_w = (self.window_size[1] - w % self.window_size[1]) % self.window_size[1]
         shifted = F.pad(shifted, (0, 0, 0, pad_w, 0, pad_h))  # (B, Hp, Wp, C)
-        mask = self.get_attn_mask(shifted) if getattr(self, "dynamic_mask", False) else self.attn_mask
+        mask: torch.Tensor | None = self.attn_mask  # type: ignore[assignment]
+        if getattr(self, "dynamic_mask", False):
+            mask = shift_window_mask(shifted, self.window_size, self.shift_size) if has_shift else None
         out = self.attn(shifted, mask=mask, size=(h, w))  # (B, H, W, C), still rolled
         if has_shift:
             out = torch.roll(out, shifts=self.shift_size, dims=(1, 2))

@@ -15,7 +15,7 @@ Stage I head maps in its own way and calls :meth:`ConvPathMixin.convolution_maps
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -53,10 +53,12 @@ class ConvPathMixin:
             ``None`` also follows :func:`acmix.ops.use_backend`).
     """
 
-    fc: nn.Conv2d
-    shift_weight: nn.Parameter | None
-    alpha: torch.Tensor
-    beta: torch.Tensor
+    if TYPE_CHECKING:  # for mypy only: TorchScript reads class annotations and cannot parse these strings
+        fc: nn.Conv2d
+        shift_weight: nn.Parameter | None
+        alpha: torch.Tensor
+        beta: torch.Tensor
+        shift_buffer: torch.Tensor
 
     def init_conv_path(
         self,
@@ -164,13 +166,14 @@ class ConvPathMixin:
         ``None`` for ``shift_mode="tensor"`` (literal shifts, no kernel).
         """
         copies = self.conv_dim_out // self.conv_head_dim
+        weight = self.shift_weight
         if self.shift_mode == "group":
-            return self.shift_weight
-        if self.shift_mode in ("learnable", "frozen"):
-            assert self.shift_weight is not None
-            return self.shift_weight.repeat_interleave(copies, dim=0)
-        if self.shift_mode == "fixed":
-            return self.get_buffer("shift_buffer").expand(self.conv_dim_out, -1, -1, -1)  # type: ignore[attr-defined]
+            return weight
+        if self.shift_mode == "learnable" or self.shift_mode == "frozen":
+            assert weight is not None
+            return weight.repeat_interleave(copies, dim=0)
+        if hasattr(self, "shift_buffer"):  # "fixed" (hasattr: TorchScript resolves it when it compiles)
+            return self.shift_buffer.expand(self.conv_dim_out, -1, -1, -1)
         return None
 
     def convolution_maps(self, maps: torch.Tensor, stride: int = 1, order: str = "maps") -> torch.Tensor:

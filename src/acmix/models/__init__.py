@@ -17,6 +17,7 @@ from ._loading import (
 )
 from ._meta import PAPER_TABLE, PaperRow, paper_row
 from ._registry_check import ACMIX_ENTRYPOINTS, acmix_cfg, register_acmix_model
+from .dense import FPNBackbone
 from .micro import ACmixMicro as ACmixMicro  # registers acmix_micro (the embedded-digits model)
 from .pvt import PyramidVisionTransformer
 from .resnet import ResNet
@@ -25,6 +26,7 @@ from .swin import SwinTransformer
 
 __all__ = [
     "ACMIX_ENTRYPOINTS",
+    "FPNBackbone",
     "PAPER_TABLE",
     "LoadReport",
     "OfficialWeightsMixin",

@@ -9,9 +9,6 @@ Deviations: none from the paper's operator; the architecture (stem conv, two ACm
 head) is this project's own.
 """
 
-from __future__ import annotations
-
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -19,6 +16,7 @@ import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 from ..layers import ACmix
+from ..ops._checks import is_symbolic
 
 __all__ = ["ACmixMicro"]
 
@@ -121,7 +119,8 @@ class ACmixMicro(nn.Module):
             nn.ReLU(inplace=True),
         )
         stages = []
-        self.feature_info: list[dict[str, Any]] = []
+        # the stem is a feature level too (full resolution), so features_only gives >= 3 levels as timm's models do
+        self.feature_info: list[dict[str, Any]] = [dict(num_chs=embed_dims[0], reduction=1, module="stem.2")]
         dim, reduction = embed_dims[0], 1
         for i, (dim_out, depth) in enumerate(zip(embed_dims, depths)):
             blocks = []
@@ -175,20 +174,23 @@ class ACmixMicro(nn.Module):
             self.global_pool = global_pool
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
-    def _blocks(self) -> Iterator[nn.Module]:
-        for stage in self.stages:
-            yield from stage.children()
+    def _check_input(self, x: torch.Tensor) -> None:
+        if is_symbolic(x):
+            return
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, H / r, W / r) with r the last stage's reduction."""
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
+        if not torch.jit.is_scripting():  # eager only: TorchScript and torch.fx skip the checks
+            self._check_input(x)
         x = self.stem(x)
-        for block in self._blocks():
-            if self.grad_checkpointing and not torch.jit.is_scripting() and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        for stage in self.stages:
+            for block in stage:  # type: ignore[attr-defined]
+                if self.grad_checkpointing and not torch.jit.is_scripting() and self.training:
+                    x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -233,7 +235,7 @@ def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> ACmi
         variant,
         pretrained,
         pretrained_cfg_overlay=kwargs.pop("pretrained_cfg_overlay", None),
-        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1)),
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
         **kwargs,
     )
 

@@ -17,8 +17,6 @@ Deviations:
       says excluding them "may be better").
 """
 
-from __future__ import annotations
-
 import logging
 import re
 from collections.abc import Sequence
@@ -26,6 +24,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
@@ -33,6 +32,7 @@ from timm.models import generate_default_cfgs
 from timm.models._features import feature_take_indices
 
 from ..layers.acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention
+from ..ops._checks import is_exporting, is_fx_symbolic_tracing, is_symbolic
 from ._loading import OfficialWeightsMixin, build_acmix_model, extract_state_dict, register_checkpoint_filter
 from ._registry_check import acmix_cfg, register_acmix_model
 
@@ -154,19 +154,15 @@ class PvtStage(nn.Module):
         self.pos_drop = nn.Dropout(drop_rate)
         dp = list(drop_path) or [0.0] * depth
         self.blocks = nn.ModuleList([PvtBlock(dim_out, drop_path=dp[i], **block_kwargs) for i in range(depth)])
+        self.to_map = TokensToMap(self.num_prefix_tokens)
 
     def resized_pos_embed(self, size: tuple[int, int]) -> torch.Tensor:
         """(1, P + h * w, C) position embedding for a (h, w) grid: bilinear resize of the stored grid, as upstream."""
-        if tuple(size) == tuple(self.grid_size):
-            return self.pos_embed
-        p = self.num_prefix_tokens
-        grid = self.pos_embed[:, p:].reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)  # (1, C, gh, gw)
-        grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)  # (1, C, h, w)
-        return torch.cat([self.pos_embed[:, :p], grid.flatten(2).transpose(1, 2)], 1)
+        return resize_pos_embed(self.pos_embed, self.grid_size, size, self.num_prefix_tokens)
 
     def forward(self, x: torch.Tensor, cls_token: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         x, size = self.patch_embed(x)  # (B, h w, C)
-        if self.num_prefix_tokens:
+        if self.num_prefix_tokens > 0:
             if cls_token is None:
                 raise ValueError("this stage prepends a cls token; pass the model's cls_token")
             x = torch.cat([cls_token.expand(x.shape[0], -1, -1), x], 1)  # (B, 1 + h w, C)
@@ -178,10 +174,45 @@ class PvtStage(nn.Module):
                 x = blk(x, size, self.num_prefix_tokens)
         return x, size
 
-    def to_map(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Tokens (B, P + h w, C) -> the spatial map (B, C, h, w) (prefix tokens dropped)."""
+
+class TokensToMap(nn.Module):
+    """Tokens (B, P + h w, C) -> the spatial map (B, C, h, w), the P prefix tokens dropped.
+
+    A module (no parameters) so that ``torch.fx`` feature extraction can name its output: ``stages.{i}.to_map`` is
+    stage i's feature map (the ``module`` of :attr:`PyramidVisionTransformer.feature_info`).
+    """
+
+    def __init__(self, num_prefix_tokens: int = 0) -> None:
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         x = x[:, self.num_prefix_tokens :]
-        return x.transpose(1, 2).reshape(x.shape[0], -1, *size)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, size[0], size[1])
+
+
+def resize_pos_embed(
+    pos_embed: torch.Tensor, grid_size: tuple[int, int], size: tuple[int, int], num_prefix_tokens: int
+) -> torch.Tensor:
+    """A (1, P + gh * gw, C) position embedding stored for ``grid_size``, bilinearly resized to ``size`` (h, w).
+
+    The stored one is returned as is at its own size, except while ``torch.export`` traces: there the resize always
+    runs (at equal sizes bilinear interpolation is the identity, exactly), so an exported graph keeps height and
+    width symbolic instead of fixing them to the traced size. A ``torch.fx`` leaf (``size`` may be Proxies).
+    """
+    resize = size[0] != grid_size[0] or size[1] != grid_size[1]
+    if not torch.jit.is_scripting():
+        if is_exporting():
+            resize = True
+    if not resize:
+        return pos_embed
+    p = num_prefix_tokens
+    grid = pos_embed[:, p:].reshape(1, grid_size[0], grid_size[1], -1).permute(0, 3, 1, 2)  # (1, C, gh, gw)
+    grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)  # (1, C, h, w)
+    return torch.cat([pos_embed[:, :p], grid.flatten(2).transpose(1, 2)], 1)
+
+
+torch.fx.wrap("resize_pos_embed")
 
 
 class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
@@ -270,7 +301,7 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
                     acmix_kwargs=acmix_kwargs,
                 )
             )
-            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}"))
+            self.feature_info.append(dict(num_chs=embed_dims[i], reduction=reduction, module=f"stages.{i}.to_map"))
             dim, cur = embed_dims[i], cur + depths[i]
         self.stages = nn.ModuleList(stages)
         self.min_size = reduction
@@ -340,6 +371,8 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
         self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
 
     def _check_input(self, x: torch.Tensor) -> None:
+        if is_symbolic(x):
+            return
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < self.min_size:
@@ -394,12 +427,18 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised stage-4 tokens (B, 1 + (H // 32) (W // 32), C), cls token first."""
-        self._check_input(x)
+        if not torch.jit.is_scripting():  # eager only: TorchScript and torch.fx skip the checks
+            self._check_input(x)
         last = len(self.stages) - 1
-        for i, stage in enumerate(self._stages()):
+        for i, stage in enumerate(self.stages):
             x, size = stage(x, self.cls_token if i == last else None)
             if i != last:
-                x = stage.to_map(x, size)  # (B, C, h, w)
+                x = stage.to_map(x, size)  # type: ignore[operator]
+            elif not torch.jit.is_scripting():
+                if (
+                    is_fx_symbolic_tracing()
+                ):  # a node for stage i's map (feature extraction); unused here, so eager skips it
+                    stage.to_map(x, size)  # type: ignore[operator]
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -465,8 +504,9 @@ def _create_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> Pyrami
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    # PVT evaluates Resize 256 -> CenterCrop 224, bicubic (DeiT recipe, whai362/PVT main.py)
-    return acmix_cfg(first_conv="stages.0.patch_embed.proj", classifier="head", pool_size=None, **kwargs)
+    # PVT evaluates Resize 256 -> CenterCrop 224, bicubic (DeiT recipe, whai362/PVT main.py); pool_size: the
+    # stage-4 map at 224 x 224 (7 x 7 tokens behind the cls token)
+    return acmix_cfg(first_conv="stages.0.patch_embed.proj", classifier="head", pool_size=(7, 7), **kwargs)
 
 
 _PVT_META = dict(

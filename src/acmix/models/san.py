@@ -15,8 +15,6 @@ Deviations:
     * drop path (stochastic depth) on the residual branch, off by default (upstream has none).
 """
 
-from __future__ import annotations
-
 import logging
 import re
 from collections.abc import Sequence
@@ -30,6 +28,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..layers.acmix_san import ACmixSanAttention, SanAttention
+from ..ops._checks import is_symbolic
 from ._loading import OfficialWeightsMixin, build_acmix_model, extract_state_dict, register_checkpoint_filter
 from ._registry_check import acmix_cfg, register_acmix_model
 
@@ -270,11 +269,17 @@ class SAN(OfficialWeightsMixin, nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, H / 32, W / 32)."""
+        if not torch.jit.is_scripting():  # eager only: TorchScript and torch.fx skip the checks
+            self._check_input(x)
+        return self.stages(self.stem(x))
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if is_symbolic(x):
+            return
         if x.dim() != 4 or x.shape[1] != self.in_chans:
             raise ValueError(f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < 2 ** len(self.stages):
             raise ValueError(f"input must be at least {2 ** len(self.stages)} pixels a side, got {tuple(x.shape)}")
-        return self.stages(self.stem(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, h, w) -> (B, num_classes) logits, or the pooled (B, C) features with ``pre_logits``."""

@@ -10,6 +10,7 @@ Border and window indexing helpers live in :mod:`acmix.ops._indexing`; the backe
 :mod:`acmix.ops._dispatch`.
 """
 
+from . import _library  # noqa: F401  (torch.ops.acmix.*: the switchable ops as custom ops)
 from ._dispatch import (
     Backend,
     available_aggregate_backends,

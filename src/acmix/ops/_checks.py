@@ -1,8 +1,14 @@
-"""Input validation shared by the ops: every failure is a ValueError naming expected vs received."""
+"""Input validation shared by the ops: every failure is a ValueError naming expected vs received.
+
+The checks run in eager mode (and while ``torch.compile`` / ``torch.export`` trace, on their fake tensors). They are
+skipped while TorchScript compiles (callers guard them with ``if not torch.jit.is_scripting():``) and while
+``torch.fx`` traces symbolically (:func:`is_symbolic`), as timm's models skip theirs.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.fx
 
 
 def check_odd_kernel(name: str, k: int) -> None:
@@ -41,3 +47,21 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     check_same("v", v, q)
     if q.shape[-1] < 1 or q.shape[-2] < 1:
         raise ValueError(f"q must have a non-empty H x W map, got {tuple(q.shape)}")
+
+
+def is_symbolic(x: object) -> bool:
+    """True for a ``torch.fx`` Proxy: ``torch.fx.symbolic_trace`` is running, shapes are not known, checks skip."""
+    return isinstance(x, torch.fx.Proxy)
+
+
+def is_exporting() -> bool:
+    """True while ``torch.export`` traces (``torch.compiler.is_exporting``, torch >= 2.5; False before)."""
+    check = getattr(torch.compiler, "is_exporting", None)
+    return bool(check()) if check is not None else False
+
+
+def is_fx_symbolic_tracing() -> bool:
+    """True while ``torch.fx.symbolic_trace`` (or a ``torch.fx.Tracer``) runs, not while ``torch.export`` traces."""
+    fx = torch.fx._symbolic_trace
+    check = getattr(fx, "is_fx_symbolic_tracing", None) or fx.is_fx_tracing  # the former: torch >= 2.9
+    return bool(check())

@@ -16,7 +16,9 @@ def reflect_index(i: torch.Tensor, n: int) -> torch.Tensor:
     if n == 1:
         return torch.zeros_like(i)
     period = 2 * (n - 1)
-    i = torch.remainder(i, period)
+    # i mod period (floor), spelled with a floor division: exports with a symbolic n (ONNX has no Mod by a
+    # symbolic scalar); the same integers as torch.remainder
+    i = i - torch.div(i, period, rounding_mode="floor") * period
     return torch.where(i >= n, period - i, i)
 
 

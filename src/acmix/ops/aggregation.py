@@ -55,6 +55,15 @@ def local_aggregate(
         x: (B, C, H, W); weight: (B, Wc, k*k, ceil(H / s), ceil(W / s)) with C divisible by Wc;
         returns (B, C, ceil(H / s), ceil(W / s)).
     """
+    if not torch.jit.is_scripting():
+        if not _checks.is_symbolic(x):
+            _check_args(x, weight, kernel_size, stride)
+        if torch.jit.is_tracing():  # TorchScript trace / ONNX export(dynamo=False): record standard operators
+            return AGGREGATE.choose(x, backend).fn(x, weight, kernel_size, stride)
+    return torch.ops.acmix.local_aggregate(x, weight, kernel_size, stride, backend)
+
+
+def _check_args(x: torch.Tensor, weight: torch.Tensor, kernel_size: int, stride: int) -> None:
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f"x must be a 4-D tensor (B, C, H, W), got {got}")
@@ -74,5 +83,3 @@ def local_aggregate(
         raise ValueError(
             f"weight must match x's dtype/device ({x.dtype}, {x.device}), got ({weight.dtype}, {weight.device})"
         )
-    impl = AGGREGATE.choose(x, backend)
-    return impl.fn(x, weight, kernel_size, stride)

@@ -31,7 +31,15 @@ from . import _checks
 from ._reference import conv_path_features
 from .context import current_backend
 
-__all__ = ["cell_upsample", "compose_weight", "conv_path", "conv_path_maps", "group_order", "resolve_conv_impl"]
+__all__ = [
+    "cell_upsample",
+    "compose_weight",
+    "conv_path",
+    "conv_path_maps",
+    "conv_path_maps_impl",
+    "group_order",
+    "resolve_conv_impl",
+]
 
 
 #: fused runs while its multiply-adds are at most this multiple of the FC + group conv's (measured, module docstring)
@@ -79,8 +87,15 @@ def _bias_map(
 
 
 def _check_maps(
-    maps: torch.Tensor, head_dim: int, fc_weight: torch.Tensor, group_weight: torch.Tensor, stride: int
+    maps: torch.Tensor,
+    head_dim: int,
+    fc_weight: torch.Tensor,
+    group_weight: torch.Tensor,
+    stride: int,
+    order: str = "maps",
 ) -> None:
+    if order not in ("maps", "groups"):
+        raise ValueError(f"order must be 'maps' or 'groups', got {order!r}")
     if not isinstance(maps, torch.Tensor) or maps.dim() != 4:
         got = tuple(maps.shape) if isinstance(maps, torch.Tensor) else type(maps).__name__
         raise ValueError(f"maps must be a 4-D tensor (B, M * head_dim, H, W), got {got}")
@@ -122,15 +137,32 @@ def conv_path_maps(
         fc_bias: optional (k_c^2,) FC bias (the Swin code has one, the ResNet code does not).
         stride: stride of the group convolution (zero padding k_c // 2).
         impl: ``"fused"``, ``"reference"`` or ``"auto"``/``None`` (see the module docstring and
-            :func:`acmix.ops.use_backend`).
+            :func:`acmix.ops.use_backend`); resolved per call inside the custom op
+            ``torch.ops.acmix.conv_path_maps`` (:mod:`acmix.ops._library`).
         order: ``"maps"`` (channel m * head_dim + d) or ``"groups"`` (channel d * M + m).
 
     Shape:
         maps (B, M * head_dim, H, W) -> (B, C_out, ceil(H / stride), ceil(W / stride)); any memory format.
     """
-    _check_maps(maps, head_dim, fc_weight, group_weight, stride)
-    if order not in ("maps", "groups"):
-        raise ValueError(f"order must be 'maps' or 'groups', got {order!r}")
+    if not torch.jit.is_scripting():
+        if not _checks.is_symbolic(maps):
+            _check_maps(maps, head_dim, fc_weight, group_weight, stride, order)
+        if torch.jit.is_tracing():  # TorchScript trace / ONNX export(dynamo=False): record standard operators
+            return conv_path_maps_impl(maps, head_dim, fc_weight, group_weight, fc_bias, stride, impl, order)
+    return torch.ops.acmix.conv_path_maps(maps, head_dim, fc_weight, group_weight, fc_bias, stride, impl, order)
+
+
+def conv_path_maps_impl(
+    maps: torch.Tensor,
+    head_dim: int,
+    fc_weight: torch.Tensor,
+    group_weight: torch.Tensor,
+    fc_bias: torch.Tensor | None,
+    stride: int,
+    impl: str | None,
+    order: str,
+) -> torch.Tensor:
+    """:func:`conv_path_maps` without the argument checks: the kernel of ``torch.ops.acmix.conv_path_maps``."""
     b, c, h, w = maps.shape
     m, kc, c_out = c // head_dim, group_weight.shape[-1], group_weight.shape[0]
     impl = resolve_conv_impl(impl, m, head_dim, c_out, kc)

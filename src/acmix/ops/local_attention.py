@@ -44,7 +44,8 @@ def local_attention(
         rel_pos: optional position map shared over batch and heads, or broadcastable per batch/head.
         scale: logit scale; ``None`` means ``head_dim ** -0.5``.
         backend: implementation name (see :func:`acmix.ops.available_backends`); ``None`` picks the fastest one
-            this input can run on (``ACMIX_BACKEND`` overrides).
+            this input can run on (``ACMIX_BACKEND`` overrides). The choice is made per call, inside the custom op
+            ``torch.ops.acmix.local_attention`` (so also in scripted and FX-traced models, :mod:`acmix.ops._library`).
 
     Shape:
         q, k, v: (B, heads, head_dim, H, W); rel_pos: (head_dim, H, W) or broadcastable to q;
@@ -55,6 +56,17 @@ def local_attention(
         >>> local_attention(q, k, v, kernel_size=7, stride=2).shape
         torch.Size([2, 4, 16, 5, 6])
     """
+    if not torch.jit.is_scripting():
+        if not _checks.is_symbolic(q):
+            _check_args(q, k, v, kernel_size, stride, rel_pos)
+        if torch.jit.is_tracing():  # TorchScript trace / ONNX export(dynamo=False): record standard operators
+            return choose_backend(q, backend).fn(q, k, v, kernel_size, stride, rel_pos, scale)
+    return torch.ops.acmix.local_attention(q, k, v, kernel_size, stride, rel_pos, scale, backend)
+
+
+def _check_args(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel_size: int, stride: int, rel_pos: torch.Tensor | None
+) -> None:
     _checks.check_qkv(q, k, v)
     _checks.check_odd_kernel("kernel_size", kernel_size)
     _checks.check_stride(stride)
@@ -68,5 +80,3 @@ def local_attention(
             )
         if rel_pos.device != q.device:
             raise ValueError(f"rel_pos must be on q's device {q.device}, got {rel_pos.device}")
-    impl = choose_backend(q, backend)
-    return impl.fn(q, k, v, kernel_size, stride, rel_pos, scale)
