@@ -13,9 +13,9 @@ Three layers, each usable alone:
   adapts the classifier and first conv the way timm does, and returns a :class:`LoadReport`.
 
 timm's standard path, ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``, reaches
-the same code: :func:`build_acmix_model` marks a user-supplied ``file``/``url`` as ``custom_load`` so that timm
-calls the model's ``load_pretrained`` (from :class:`OfficialWeightsMixin`) instead of its own ``torch.load``, which
-refuses the yacs ``CfgNode`` of the official Swin checkpoints.
+the same code: :func:`acmix.models._registry.build_acmix_model` marks a user-supplied ``file``/``url`` as
+``custom_load`` so that timm calls the model's ``load_pretrained`` (from :class:`OfficialWeightsMixin`) instead of its
+own ``torch.load``, which refuses the yacs ``CfgNode`` of the official Swin checkpoints.
 """
 
 from __future__ import annotations
@@ -41,7 +41,6 @@ __all__ = [
     "InertConfig",
     "LoadReport",
     "OfficialWeightsMixin",
-    "build_acmix_model",
     "extract_state_dict",
     "get_checkpoint_filter",
     "load_official_checkpoint",
@@ -391,43 +390,3 @@ class OfficialWeightsMixin:
     def load_pretrained(self, checkpoint_path: PathLike, strict: bool = True) -> LoadReport:
         assert isinstance(self, nn.Module)
         return load_official_checkpoint(self, checkpoint_path, strict=strict)
-
-
-_SOURCE_KEYS = ("file", "url")
-
-
-def build_acmix_model(
-    model_cls: Callable[..., nn.Module],
-    variant: str,
-    pretrained: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """``timm.models.build_model_with_cfg`` with acmix's safe loading of ``file``/``url`` weight sources.
-
-    Args:
-        model_cls: the model class (should inherit :class:`OfficialWeightsMixin`; its filter is looked up with
-            :func:`get_checkpoint_filter`).
-        variant: registered model name (its ``default_cfgs`` entry supplies the pretrained cfg).
-        pretrained: load weights (from ``pretrained_cfg_overlay=dict(file=...)``; acmix ships no URLs).
-        **kwargs: everything ``build_model_with_cfg`` takes (``feature_cfg``, ``pretrained_cfg_overlay``...) and
-            the model's own arguments.
-    """
-    from timm.models import build_model_with_cfg
-
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if hasattr(model_cls, "load_pretrained") and any(overlay.get(k) for k in _SOURCE_KEYS):
-        overlay.setdefault("custom_load", True)
-    pcfg = kwargs.get("pretrained_cfg")
-    if isinstance(pcfg, Mapping) and any(pcfg.get(k) for k in _SOURCE_KEYS) and hasattr(model_cls, "load_pretrained"):
-        kwargs["pretrained_cfg"] = {**pcfg, "custom_load": pcfg.get("custom_load", True)}
-    filter_fn = kwargs.pop("pretrained_filter_fn", None) or (
-        get_checkpoint_filter(model_cls) if isinstance(model_cls, type) else None
-    )
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=overlay or None,
-        pretrained_filter_fn=filter_fn,
-        **kwargs,
-    )
