@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..bench.config import DTYPES, MEMORY_FORMATS, MODES, BenchConfig
 from ..bench.model import (
     DEFAULT_MODELS,
     MEMORY_MODES,
@@ -19,7 +20,6 @@ from ..bench.model import (
     write_csv,
     write_json,
 )
-from ..bench.runner import DTYPES, MEMORY_FORMATS, MODES, BenchConfig
 from ..ops import get_backend
 
 
