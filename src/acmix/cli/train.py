@@ -93,7 +93,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
 _HELP = {
     "model": "any timm-registered model (acmix_* or timm's); default: acmix_micro",
     "data_dir": "image folder with train/ and val/ sub-folders of class folders (default: embedded digits)",
-    "recipe": "paper recipe: resnet, san, pvt, swin or digits (paper.md section 5)",
+    "recipe": "paper recipe: resnet, san, pvt, swin or digits (docs/recipes.md)",
     "config": "YAML file of overrides; keys are the flag names",
     "output": "run folder (default runs/<model>-<time>; a resumed run keeps its folder)",
     "resume": "continue a run: its folder, or a .state.pt / .safetensors checkpoint",

@@ -2,8 +2,9 @@
 
 Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022 (arXiv 2111.14556). Follows the
 official ``WindowAttention_acmix`` (LeapLabTHU/ACmix ``Swin-Transformer/models/swin_transformer_acmix.py``,
-paper.md 2.3) numerically; written anew on top of timm's :class:`~timm.models.swin_transformer.WindowAttention` and
-:class:`~timm.models.swin_transformer.SwinTransformerBlock`, whose parameters and names it keeps.
+docs/official-code.md) numerically; written anew on top of timm's
+:class:`~timm.models.swin_transformer.WindowAttention` and :class:`~timm.models.swin_transformer.SwinTransformerBlock`,
+whose parameters and names it keeps.
 
 * Stage I is Swin's ``qkv`` Linear, computed once on the whole (cyclically rolled) map.
 * Attention path: unchanged (S)W-MSA with the relative position bias and the shift mask, then ``proj``.

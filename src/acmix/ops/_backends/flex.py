@@ -2,7 +2,7 @@
 
 The map is flattened: query index ``i = y * Wo + x`` (output grid), key index ``j = r * W + c`` (input grid). A key
 belongs to the query's window when its row and its column do (``mask_mod``); a key that the reflection border
-repeats gets ``log(multiplicity)`` added to its logit (``score_mod``; paper.md section 8). Both are lookups into two
+repeats gets ``log(multiplicity)`` added to its logit (``score_mod``; docs/derived-facts.md). Both are lookups into two
 small per-axis tables, so nothing of size k^2 x map is ever built, and the block mask skips every block of the
 (Ho*Wo) x (H*W) score matrix that no window touches. Fast only when compiled (Triton, CUDA); the eager form runs on
 CPU (dense math, used by the tests).

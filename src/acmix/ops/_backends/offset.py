@@ -1,6 +1,6 @@
 """Offset-by-offset local attention: a memory-lean CPU/any-device backend with a recomputing backward.
 
-Two facts from paper.md section 8 make this simple:
+Two facts from docs/derived-facts.md make this simple:
 
 * the relative position term is a key offset: ``q_i . (k_j + p_i - p_j)`` has the same softmax over j as
   ``q_i . (k_j - p_j)``, so the op is plain local attention over ``(q, k' = k - p, v)``;
@@ -29,7 +29,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def offset_keys(k: torch.Tensor, rel_pos: torch.Tensor | None) -> torch.Tensor:
-    """``k' = k - p``: the relative position term as a key offset (paper.md section 8). Shapes as ``k``."""
+    """``k' = k - p``: the relative position term as a key offset (docs/derived-facts.md). Shapes as ``k``."""
     if rel_pos is None:
         return k
     p = rel_pos if rel_pos.dim() == 5 else rel_pos[None, None]

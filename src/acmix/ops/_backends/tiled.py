@@ -3,7 +3,7 @@
 The output map is cut into T x T tiles of queries. All queries of a tile attend to one shared rectangle of real
 (in-bounds) keys, the *halo*, that covers every window of the tile. Inside the halo each query keeps exactly its own
 window through an additive bias: ``log(multiplicity)`` of the key in the query's reflection-padded window, and
-``-inf`` outside it (paper.md section 8: reflection padding is a multiplicity, not new keys). The bias is a product
+``-inf`` outside it (docs/derived-facts.md: reflection padding is a multiplicity, not new keys). The bias is a product
 of a row factor and a column factor, depends only on the map size, kernel, stride and tile, and is shared over batch
 and heads, so it is built once per shape and cached.
 

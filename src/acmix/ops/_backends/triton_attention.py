@@ -1,7 +1,7 @@
 """Fused local attention in Triton (``backend="triton"``): one kernel forward, two kernels backward.
 
 The op is ACmix's window attention with the relative position term as a key offset (``q_i . (k_j - p_j)``; the
-``q_i . p_i`` term is the same for every key of a query and cancels in the softmax, paper.md section 8) and the
+``q_i . p_i`` term is the same for every key of a query and cancels in the softmax, docs/derived-facts.md) and the
 reflection border as an additive ``log(multiplicity)`` bias (a reflected key is a real key counted again).
 
 Forward (:func:`_triton_kernels._attn_fwd`): a program owns a tile of queries of one (batch, head) (4 x 4, or the
