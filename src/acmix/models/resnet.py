@@ -27,7 +27,8 @@ from timm.models import generate_default_cfgs
 from timm.models.resnet import Bottleneck as _TimmBottleneck
 from timm.models.resnet import ResNet as _TimmResNet
 
-from ..layers import ACmix, convert_official_state_dict
+from ..layers import ACmix
+from ..layers.acmix import convert_official_state_dict
 from ._loading import OfficialWeightsMixin, register_checkpoint_filter
 from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
 
