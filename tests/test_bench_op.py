@@ -66,6 +66,12 @@ def test_rows_are_well_formed_and_written(tmp_path):
     assert nested.exists() and [f.name for f in nested.parent.iterdir()] == ["rows.csv"]
 
 
+def test_plot_without_memory_measurements(tmp_path):
+    rows = bench_op.run(_groups(subjects=["conv3x3", "proj1x1"]), warmup=0, repeats=1, memory="off", threads=1)
+    assert rows and all(r.peak_mib is None and r.mem_method == "off" for r in rows)
+    assert bench_op.plot(rows, tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_memory_in_a_fresh_subprocess_reports_a_peak():
     spec = bench_op.OpSpec("attention", "reference", 2, 16, 12, 1, heads=2, kernel=7)
     peak, method = bench_op.measure_memory(spec, "subprocess")
