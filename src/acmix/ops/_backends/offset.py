@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._indexing import padded_indices
+from ._common import Window, attention_backend
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,21 +148,9 @@ class OffsetAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def local_attention_offset(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel_size: int,
-    stride: int = 1,
-    rel_pos: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Offset-loop backend; same contract as :func:`acmix.ops._reference.local_attention_reference`.
-
-    Shape:
-        q, k, v: (B, N, D, H, W); rel_pos: (D, H, W) or broadcastable 5-D; returns (B, N, D, ceil(H/s), ceil(W/s)).
-    """
-    scale = q.shape[2] ** -0.5 if scale is None else scale
-    out = OffsetAttention.apply(q, offset_keys(k, rel_pos), v, kernel_size, stride, float(scale))
+@attention_backend
+def local_attention_offset(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window) -> torch.Tensor:
+    """Offset-loop backend (contract: :mod:`acmix.ops._backends._common`)."""
+    out = OffsetAttention.apply(q, offset_keys(k, w.rel_pos), v, w.kernel_size, w.stride, w.scale)
     assert isinstance(out, torch.Tensor)
     return out
