@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 
 from ..._env import env_extensions_dir, env_no_cpp
-from ._common import Window, attention_backend
+from .._window import Window, attention_backend
 from .offset import compute_dtype
 from .tiled import local_attention_tiled
 
@@ -278,13 +278,13 @@ def _fwd_backward(ctx, grad_out, grad_lse):  # type: ignore[no-untyped-def]
 
 @attention_backend
 def local_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window) -> torch.Tensor:
-    """C++ window-only backend (contract: :mod:`acmix.ops._backends._common`).
+    """C++ window-only backend (contract: :mod:`acmix.ops._window`).
 
     Builds the extension on first use; if that fails, logs why once and computes with ``tiled`` instead. Each
     (D, H, W) slab of q, k, v needs a contiguous W axis (any batch / head strides); the output is contiguous.
     """
     if not _ensure_loaded():
-        return local_attention_tiled.__wrapped__(q, k, v, w)  # type: ignore[attr-defined]
+        return local_attention_tiled(q, k, v, *w)
     cdt = compute_dtype(q.dtype)
     pos = None if w.rel_pos is None else w.rel_pos.to(cdt)
     out, _ = torch.ops.acmix_cpp.local_attention_fwd(

@@ -18,7 +18,7 @@ from typing import Any, cast
 import torch
 
 from .._indexing import multiplicity
-from ._common import Window, attention_backend
+from .._window import Window, attention_backend
 from .offset import offset_keys
 
 _logger = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ def _compiled_flex() -> Callable[..., Any]:
 def local_attention_flex(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Window, *, compiled: bool | None = None
 ) -> torch.Tensor:
-    """FlexAttention backend (contract: :mod:`acmix.ops._backends._common`).
+    """FlexAttention backend (contract: :mod:`acmix.ops._window`).
 
     ``compiled`` defaults to True on CUDA (Triton kernels) and False elsewhere (eager dense math: for tests only).
     """

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._indexing import padded_indices
-from ._common import Window, attention_backend
+from .._window import Window, attention_backend
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -150,7 +150,7 @@ class OffsetAttention(torch.autograd.Function):
 
 @attention_backend
 def local_attention_offset(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window) -> torch.Tensor:
-    """Offset-loop backend (contract: :mod:`acmix.ops._backends._common`)."""
+    """Offset-loop backend (contract: :mod:`acmix.ops._window`)."""
     out = OffsetAttention.apply(q, offset_keys(k, w.rel_pos), v, w.kernel_size, w.stride, w.scale)
     assert isinstance(out, torch.Tensor)
     return out

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .._indexing import multiplicity
-from ._common import Window, attention_backend
+from .._window import Window, attention_backend
 from .offset import offset_keys
 
 
@@ -167,7 +167,7 @@ def halo_tiles(x: torch.Tensor, plan: TilePlan, stride: int) -> torch.Tensor:
 
 @attention_backend
 def local_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Window) -> torch.Tensor:
-    """Halo-tiled SDPA backend (contract: :mod:`acmix.ops._backends._common`)."""
+    """Halo-tiled SDPA backend (contract: :mod:`acmix.ops._window`)."""
     b, n, d, h, w = q.shape
     stride = win.stride
     plan = _plan_for(q, h, w, win.kernel_size, stride)

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ._common import Window, attention_backend
+from .._window import Window, attention_backend
 
 #: storage dtypes the kernels accept
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -346,7 +346,7 @@ _attention_op.register_autograd(_attention_autograd, setup_context=_setup_contex
 
 @attention_backend
 def local_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window) -> torch.Tensor:
-    """Triton backend (contract: :mod:`acmix.ops._backends._common`).
+    """Triton backend (contract: :mod:`acmix.ops._window`).
 
     q, k, v may be any strided views (e.g. slices of one (B, 3C, H, W) projection, NCHW or channels_last); the
     output follows q's layout (channels-last-like when head_dim is q's fastest dimension, else contiguous).
