@@ -15,7 +15,7 @@ import sys
 import types
 from typing import Any
 
-from .main import UsageError
+from .main import UsageError, add_command
 
 _GROUPS: dict[str, tuple[str, ...]] = {
     "model and data": (
@@ -235,12 +235,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a model (default: acmix_micro on the embedded digits)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "train", "train a model (default: acmix_micro on the embedded digits)", __doc__, run)
     add_config_flags(p)
     one_line_errors(p, "acmix train")
-    p.set_defaults(func=run)
