@@ -1,10 +1,15 @@
 # Two commands do all the set-up on a fresh machine with Python >= 3.10 and pip:
 #   make demo   -> create/reuse .venv, install acmix, run the main job
 #   make test   -> create/reuse .venv, install acmix[dev], run lint + format + types + tests
+# and
+#   make bench  -> the op benchmark of the README (`acmix bench op`) at two ResNet stages, a few minutes on 2 cores;
+#                  rows, ratios and a plot in $(BENCH_OUT); BENCH_ARGS="..." for other settings
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.acmix-installed
+BENCH_OUT ?= bench-results
+BENCH_ARGS ?= --shapes 64x56,256x14 --strides 1 --threads 2 --repeats 3 --warmup 1
 
 .PHONY: demo test test-slow lint bench clean
 
@@ -24,6 +29,9 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/acmix bench op $(BENCH_ARGS) --csv $(BENCH_OUT)/op.csv --json $(BENCH_OUT)/op.json --plot $(BENCH_OUT)/op.png
 
 test-slow: $(STAMP)
 	ACMIX_RUN_SLOW=1 $(BIN)/python -m pytest -q -m slow -p no:cacheprovider

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
+from acmix.bench.config import BenchConfig, BenchResult
 from acmix.bench.model import (
     DEFAULT_MODELS,
     Ratio,
@@ -36,7 +37,6 @@ from acmix.bench.model import (
     write_csv,
     write_json,
 )
-from acmix.bench.runner import BenchConfig, BenchResult
 
 #: issue 12 targets (GPU, batch 64, 224^2, bf16 autocast, channels_last): (model, mode, quantity, limit)
 TARGETS = (

@@ -1,4 +1,5 @@
-"""Test-only re-statement of the official ResNet ACmix operator, written from paper.md section 2.2.
+"""Test-only re-statement of the official ResNet ACmix operator, written from docs/official-code.md
+(the ResNet operator).
 
 It keeps the official parameter names (conv1/conv2/conv3/conv_p/fc/dep_conv/rate1/rate2) and the official
 arithmetic (ReflectionPad2d + unfold, q . (k + pe_q - pe_k), FC over the 3N head maps, group conv with zero

@@ -1,4 +1,5 @@
-"""Test-only re-statements of the official ACmix models, written from paper.md sections 2.2, 2.3 and 4.4.
+"""Test-only re-statements of the official ACmix models, written from docs/official-code.md (the ResNet and Swin
+operators, ResNet depths).
 
 They keep the official parameter names and arithmetic, including their limits (fixed input resolution, window sizes
 that must divide the stage maps, even maps for strided ACmix), so that their ``state_dict()`` is laid out like an
@@ -43,7 +44,7 @@ class _Bottleneck(nn.Module):
 
 
 class OfficialACmixResNet(nn.Module):
-    """``ACmix_ResNet`` (paper.md 2.2): 7x7/2 stem, 3x3/2 max-pool, four stages of ACmix bottlenecks, avgpool, fc."""
+    """``ACmix_ResNet`` (docs/official-code.md): 7x7/2 stem, 3x3/2 max-pool, 4 ACmix bottleneck stages, avgpool, fc."""
 
     def __init__(self, layers: tuple[int, ...] = (3, 4, 6, 3), num_classes: int = 1000) -> None:
         super().__init__()
@@ -219,7 +220,7 @@ class _PatchEmbed(nn.Module):
 
 
 class OfficialSwinACmix(nn.Module):
-    """``SwinTransformer_acmix`` (paper.md 2.3) at a fixed square input size; official key names and buffers."""
+    """``SwinTransformer_acmix`` (docs/official-code.md) at a fixed square input size; official keys and buffers."""
 
     def __init__(
         self,

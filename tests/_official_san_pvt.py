@@ -1,11 +1,11 @@
 """Test-only restatements of the official SAN (hszhao/SAN ``model/san.py``) and PVT v1 (whai362/PVT
-``classification/pvt.py``) classifiers, written from paper.md 4.2 / 4.3 and a reading of that code.
+``classification/pvt.py``) classifiers, written from docs/official-code.md (SAN, PVT) and a reading of that code.
 
 They keep the official module names (so their ``state_dict()`` has the released checkpoints' keys) and the official
 arithmetic, limits included: SAN's ``ReflectionPad2d`` needs maps larger than the padding, and PVT's position
 embedding is resized only when a stage's token count differs from stage 1's (``_get_pos_embed``). SAN's CUDA
-aggregation is restated from the kernel's semantics (paper.md 4.2): reflection padding, channel c uses weight
-channel c mod Wc.
+aggregation is restated from the kernel's semantics (docs/official-code.md, SAN): reflection padding, channel c uses
+weight channel c mod Wc.
 """
 
 from __future__ import annotations

@@ -1,16 +1,8 @@
-"""Shared test helpers: an independent naive local attention and tolerance tables."""
+"""Shared test helpers: an independent naive local attention."""
 
 from __future__ import annotations
 
 import torch
-
-#: (atol, rtol) per dtype for comparing a fast path with the reference
-TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
-    torch.float64: (1e-10, 1e-8),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (1e-2, 1e-2),
-    torch.bfloat16: (5e-2, 5e-2),
-}
 
 
 def bounce(i: int, n: int) -> int:

@@ -1,8 +1,8 @@
 """acmix.analysis: formulas vs hand counts and FlopCounterMode, parameters vs numel, the 99% / 83% split.
 
 Tolerances: parameter counts and counter-visible MACs must match exactly; the Stage I shares must be within
-1 percentage point of the paper's 99% (conv), within 0.2 point of paper.md's re-derivation (82.0% output
-resolution, 87.7% input resolution) and within 1.5 points of the paper's rounded 83%.
+1 percentage point of the paper's 99% (conv), within 0.2 point of the re-derivation in docs/paper-numbers.md
+(82.0% output resolution, 87.7% input resolution) and within 1.5 points of the paper's rounded 83%.
 """
 
 from __future__ import annotations
@@ -86,9 +86,9 @@ def test_table1_and_stage_ratio():
     assert (sa["stage_I_params"], sa["stage_I_macs"], sa["stage_II_macs"]) == (3 * 64**2, 3 * 64**2 * hw, 98 * 64 * hw)
     assert ac["stage_I_macs"] == sa["stage_I_macs"]
     assert ac["stage_II_params"] == 3 * 4 * 9 + 81 * 64  # FC 3N x k^2, group conv k^4 C
-    assert ac["stage_II_macs"] == (98 + 27 + 81) * 64 * hw  # paper.md 1.1: 108 C HW conv path
+    assert ac["stage_II_macs"] == (98 + 27 + 81) * 64 * hw  # Table 1: 108 C HW conv path
     ratios = [round(r["ratio"], 2) for r in stage_ratio_table((64, 128, 256, 512), 7)]
-    assert ratios == [1.96, 3.92, 7.84, 15.67]  # paper.md 1.2
+    assert ratios == [1.96, 3.92, 7.84, 15.67]  # docs/paper-numbers.md
 
 
 def test_window_and_sra_formulas_hand_computed():
@@ -101,7 +101,7 @@ def test_window_and_sra_formulas_hand_computed():
     assert comp[Component.OUT_PROJ]["macs"] == 96 * 96 * L
     assert comp[Component.REL_POS]["params"] == 13 * 13 * 3
     wa = window_attention_cost(96, 3, 7, 56, 56, acmix=True)
-    assert wa.macs - w.macs == 3 * 96 * L * 9 + 9 * 96 * 9 * L  # the Swin flops() additions (paper.md 2.3)
+    assert wa.macs - w.macs == 3 * 96 * L * 9 + 9 * 96 * 9 * L  # the Swin flops() additions (docs/official-code.md)
     assert wa.params - w.params == (27 * 3 + 9) + 96 * 81 + 2
     # padding to a multiple of the window: 10 x 10 -> 14 x 14 tokens
     assert window_attention_cost(32, 2, 7, 10, 10).by_component()[Component.PROJECTION]["macs"] == 3 * 32 * 32 * 196
@@ -300,7 +300,7 @@ def test_resnet50_self_attention_stage_split_83_percent(use_rel_pos):
     inp = walk(model, 224, proj_at="input").stage_split()
     assert out["positions"] == inp["positions"] == 16
     tol = 0.05 if not use_rel_pos else 0.2
-    assert abs(100 * out["share_I"] - 82.0) <= tol  # paper.md 1.3, output-resolution convention
+    assert abs(100 * out["share_I"] - 82.0) <= tol  # docs/paper-numbers.md, output-resolution convention
     assert abs(100 * inp["share_I"] - 87.7) <= tol  # input resolution (what the official code computes)
     assert abs(100 * out["share_I"] - 83.0) <= 1.5  # the paper's (rounded) 83%
     assert abs(100 * inp["share_I"] - 83.0) > 3.0  # ... which the input-resolution convention does not give
@@ -332,7 +332,7 @@ def test_san10_paper_macs_use_the_san_counter_convention():
 def test_model_table_against_paper_and_released_code():
     """Every registered paper model at 224 x 224: params == numel, within 5% / 7% of the paper's params / MACs
     (README rounding; SAN's and PVT's own counters differ slightly), within 1% / 2% of the released-code counts of
-    paper.md 2.5 (conv path counted as FC + group conv, as the released code computes it)."""
+    docs/official-code.md (conv path counted as FC + group conv, as the released code computes it)."""
     from acmix.analysis.report import model_rows
 
     skipped: list[str] = []

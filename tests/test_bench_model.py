@@ -1,4 +1,5 @@
-"""acmix.bench.runner / acmix.bench.model / ``acmix bench model`` on tiny models (no timing assertions)."""
+"""acmix.bench (config, runner, switch, memory, profiling, model) and ``acmix bench model`` on tiny models (no timing
+assertions)."""
 
 from __future__ import annotations
 
@@ -12,19 +13,10 @@ import torch
 import torch.nn as nn
 
 from acmix.bench import model as bench_model
-from acmix.bench.runner import (
-    RESULT_FIELDS,
-    BenchCase,
-    BenchConfig,
-    BenchResult,
-    acmix_layers,
-    is_oom_error,
-    measure_memory_subprocess,
-    set_host_attention,
-    time_inference,
-    time_interleaved,
-    time_train_step,
-)
+from acmix.bench.config import RESULT_FIELDS, BenchConfig, BenchResult
+from acmix.bench.memory import measure_memory_subprocess
+from acmix.bench.runner import BenchCase, is_oom_error, time_inference, time_interleaved, time_train_step
+from acmix.bench.switch import acmix_layers, set_host_attention
 from acmix.layers import ACmix
 from acmix.ops import current_backend
 
@@ -264,7 +256,7 @@ def test_cli_bench_model_errors_are_one_line(capsys):
 
 
 def test_profile_step_lists_the_ops_of_a_training_step():
-    from acmix.bench.runner import profile_step
+    from acmix.bench.profiling import profile_step
 
     table = profile_step(Tiny(), "train", TINY, row_limit=50)
     assert "aten::convolution_backward" in table and "Self CPU" in table

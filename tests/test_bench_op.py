@@ -62,8 +62,14 @@ def test_rows_are_well_formed_and_written(tmp_path):
     assert len(doc["rows"]) == len(rows) and len(doc["summary"]) == 2
     png = bench_op.plot(rows, tmp_path / "plot.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        bench_op.write_csv(rows, tmp_path / "missing" / "rows.csv")
+    nested = bench_op.write_csv(rows, tmp_path / "missing" / "rows.csv")  # one writer: directories are created
+    assert nested.exists() and [f.name for f in nested.parent.iterdir()] == ["rows.csv"]
+
+
+def test_plot_without_memory_measurements(tmp_path):
+    rows = bench_op.run(_groups(subjects=["conv3x3", "proj1x1"]), warmup=0, repeats=1, memory="off", threads=1)
+    assert rows and all(r.peak_mib is None and r.mem_method == "off" for r in rows)
+    assert bench_op.plot(rows, tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_memory_in_a_fresh_subprocess_reports_a_peak():

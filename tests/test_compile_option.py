@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from acmix.bench.runner import BenchConfig, time_train_step
+from acmix.bench import BenchConfig, time_train_step
 from acmix.cli.main import main
 from acmix.train import checkpoint as ckpt
 

@@ -90,8 +90,8 @@ def test_gpu_all_sh_parses():
 
 def test_compare_models_extra_backend_variant():
     """``extra_backends`` adds an interleaved ``acmix-<name>`` row with that backend forced (same weights)."""
+    from acmix.bench.config import BenchConfig
     from acmix.bench.model import compare_models
-    from acmix.bench.runner import BenchConfig
 
     cfg = BenchConfig(batch=2, resolution=16, warmup=1, repeats=1, num_classes=10, threads=1)
     rows = compare_models(

@@ -1,7 +1,8 @@
 """Safe checkpoint reading and official-checkpoint loading (acmix.models._loading).
 
-Official files are built here from their documented layout (paper.md 2.3, 4.2, 4.3): training states with a yacs
-``CfgNode`` (emulated: yacs is not installed), an ``argparse.Namespace``, numpy scalars and ``module.`` prefixes.
+Official files are built here from their documented layout (docs/official-code.md, checkpoints): training states
+with a yacs ``CfgNode`` (emulated: yacs is not installed), an ``argparse.Namespace``, numpy scalars and ``module.``
+prefixes.
 """
 
 from __future__ import annotations

@@ -247,7 +247,7 @@ def test_parameter_counts_against_the_paper(row):
 
 def count_macs(model: nn.Module, side: int = 224) -> float:
     """Multiply-adds (G) of one image: FlopCounterMode / 2, plus the ACmix local-attention aggregation
-    (2 k^2 C per output pixel: logits and weighted sum, paper.md 1.1), which runs as elementwise ops."""
+    (2 k^2 C per output pixel: logits and weighted sum, Table 1), which runs as elementwise ops."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from acmix import ACmix
@@ -273,9 +273,9 @@ def count_macs(model: nn.Module, side: int = 224) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("row", [r for r in PAPER_TABLE if timm.is_model(r.name)], ids=lambda r: r.name)
 def test_macs_against_the_paper(row):
-    """acmix.analysis.walk's count (SAN rows in SAN's own counter convention, paper.md 0) against the paper, and
-    for ResNet/Swin against the released code (conv paths priced as FC + group conv, as it runs them) and against
-    an independent FlopCounterMode count."""
+    """acmix.analysis.walk's count (SAN rows in SAN's own counter convention, docs/paper-numbers.md) against the
+    paper, and for ResNet/Swin against the released code (conv paths priced as FC + group conv, as it runs them) and
+    against an independent FlopCounterMode count."""
     from acmix.analysis import walk
 
     san = row.family == "san"

@@ -58,7 +58,7 @@ def test_reference_gradcheck_float64(stride):
 
 
 def test_position_term_is_a_key_offset():
-    """paper.md section 8: q_i . (k_j + p_i - p_j) gives the same softmax as q_i . (k_j - p_j)."""
+    """docs/derived-facts.md: q_i . (k_j + p_i - p_j) gives the same softmax as q_i . (k_j - p_j)."""
     q, k, v = (torch.randn(2, 2, 4, 6, 5, dtype=torch.float64) for _ in range(3))
     pos = torch.randn(4, 6, 5, dtype=torch.float64)
     a = local_attention_reference(q, k, v, 5, 1, pos)

@@ -1,7 +1,7 @@
 """ACmix-ResNet and ACmix-Swin against timm and against test-only re-statements of the official models.
 
 Official checkpoints cannot be downloaded in tests: their state dicts come from ``tests/_official_models.py``
-(official key names and arithmetic, paper.md 2.2/2.3), saved in the official file formats.
+(official key names and arithmetic, docs/official-code.md), saved in the official file formats.
 """
 
 from __future__ import annotations

@@ -623,3 +623,16 @@ def test_resume_is_exact_with_two_workers(tiny_data, reference_run, tmp_path):
     assert main(["train", "--resume", str(run), *TINY, "--workers", "2"]) == 0
     _assert_same_weights(reference, run)
     assert _stable_rows(run) == _stable_rows(reference)
+
+
+def test_a_broken_worker_pipe_reads_as_a_dead_worker_only_with_workers():
+    from acmix.train.data import _one_line
+
+    reset = ConnectionResetError(104, "Connection reset by peer")
+    died = str(_one_line(reset, workers=2))
+    assert died.startswith("a data-loader worker died") and "--workers 0" in died, died
+    # without workers the same error is the dataset's own (a network file system, say): named as it is
+    assert (
+        str(_one_line(reset, workers=0))
+        == "loading a batch failed: ConnectionResetError: [Errno 104] Connection reset by peer"
+    )

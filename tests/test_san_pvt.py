@@ -105,7 +105,7 @@ def test_san_param_counts(name):
     acmix_stages = tuple(a == "acmix" for a in san_mod.ACMIX_SAN_STAGES) if "acmix" in name else (False,) * 5
     n = _count(name)
     assert n == _san_params(SAN_DEPTHS[depth_key], acmix_stages, pairwise="pairwise" in name)
-    if name in SAN_BASELINES:  # paper.md 3.2: re-derived 11.84 / 16.18 / 20.52 M
+    if name in SAN_BASELINES:  # docs/paper-numbers.md: re-derived 11.84 / 16.18 / 20.52 M
         assert round(n / 1e6, 2) == ROWS[f"acmix_{name}"].baseline_released_params_m
     elif name in SAN_PAIRWISE:  # SAN README: 10.5 / 14.1 / 17.6 M
         assert round(n / 1e6, 1) == {"san10": 10.5, "san15": 14.1, "san19": 17.6}[depth_key]
@@ -520,7 +520,7 @@ def _check_macs(name: str) -> None:
     row = ROWS[name]
     base, acm = _macs(_create(row.baseline)), _macs(_create(name))
     if "san" in name:
-        # SAN's counter (paper.md 3.2 baselines are in it): conv/linear + aggregation + BN/ReLU/pool/bias
+        # SAN's counter (docs/paper-numbers.md baselines are in it): conv/linear + aggregation + BN/ReLU/pool/bias
         total = {k: v["counted"] + v["agg"] + v["san_extra"] for k, v in (("base", base), ("acmix", acm))}
     else:
         # PVT's get_flops: conv/linear (mmcv) + the attention matmuls

@@ -53,7 +53,7 @@ def test_config_errors_name_the_setting(tmp_path):
 
 
 def test_recipes_follow_paper_section_5():
-    # paper.md section 5: ResNet script SGD lr 0.1 wd 1e-4 on all params, 5-epoch warmup; Swin AdamW 5e-4 x B/512
+    # docs/recipes.md: ResNet script SGD lr 0.1 wd 1e-4 on all params, 5-epoch warmup; Swin AdamW 5e-4 x B/512
     r, s, p = get_recipe("resnet"), get_recipe("swin"), get_recipe("pvt")
     assert (r["opt"], r["lr"], r["weight_decay"], r["warmup_epochs"], r["wd_all_params"]) == (
         "momentum",

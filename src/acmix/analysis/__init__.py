@@ -7,7 +7,6 @@ from .cost import (
     CostItem,
     acmix_cost,
     conv_cost,
-    conv_path_items,
     linear_cost,
     local_attention_cost,
     mlp_cost,
@@ -18,11 +17,10 @@ from .cost import (
     table1,
     window_attention_cost,
 )
-from .counters import COUNTER_BLIND, CrossCheck, counter_macs, cross_check
+from .counters import CrossCheck, counter_macs, cross_check
 from .walk import ModelCost, ModuleCost, register_rule, walk
 
 __all__ = [
-    "COUNTER_BLIND",
     "MAC_CONVENTION",
     "Component",
     "Cost",
@@ -32,7 +30,6 @@ __all__ = [
     "ModuleCost",
     "acmix_cost",
     "conv_cost",
-    "conv_path_items",
     "counter_macs",
     "cross_check",
     "linear_cost",

@@ -1,4 +1,5 @@
-"""Analytic cost formulas, one place, per module type (paper Sec. 3.3, Table 1; paper.md sections 1, 2.5, 4).
+"""Analytic cost formulas, one place, per module type (paper Sec. 3.3, Table 1; docs/paper-numbers.md,
+docs/official-code.md).
 
 Every formula returns a :class:`Cost`: a list of :class:`CostItem` (component, Table 1 stage, parameters,
 multiply-adds) for **one image**. Inputs may have C_in != C_out and a stride.
@@ -294,7 +295,7 @@ def local_attention_cost(
 
     Args:
         proj_at: where the projections are counted with a stride: ``"input"`` (H x W, what the official code
-            does: it projects before striding) or ``"output"`` (H_out x W_out). paper.md 1.3: the 83% of the
+            does: it projects before striding) or ``"output"`` (H_out x W_out). docs/paper-numbers.md: the 83% of the
             paper matches ``"output"``.
     """
     _check_pos(c_in=c_in, c_out=c_out, h=h, w=w, kernel_size=kernel_size, num_heads=num_heads, stride=stride)
@@ -338,9 +339,10 @@ def acmix_cost(
     """ACmix for conv hosts (ResNet / SAN position): ``acmix.ACmix`` and the official ResNet operator.
 
     Stage I: q/k/v projections 3 * C_in * C_out (+ 3 * C_out bias), at input resolution as built (``proj_at``).
-    Stage II, attention path (paper.md 2.2): 2 * k_att^2 * C_out per output pixel; the relative position term is
-    a 1 x 1 conv 2 -> head_dim on the coordinate map (2 * head_dim MACs per input pixel, once per forward).
-    Stage II, convolution path (reference order, paper.md 1.1): FC 3N -> k_c^2 shared over head_dim,
+    Stage II, attention path (docs/official-code.md, ResNet operator): 2 * k_att^2 * C_out per output pixel; the
+    relative position term is a 1 x 1 conv 2 -> head_dim on the coordinate map (2 * head_dim MACs per input pixel,
+    once per forward).
+    Stage II, convolution path (reference order, Table 1): FC 3N -> k_c^2 shared over head_dim,
     3 * k_c^2 * C_out MACs per input pixel (3N * k_c^2 params); group conv C_out x k_c^2 x k_c x k_c with
     groups = head_dim, k_c^4 * C_out MACs per output pixel (Fig. 3 c-III; c-I / c-II share one head's kernels:
     head_dim * k_c^4 params; ``"fixed"`` has no parameters; ``"tensor"`` shifts cost k_c^2 * C_out adds).
@@ -454,7 +456,7 @@ def window_attention_cost(
     conv_impl: str = "reference",
     mix: str = "learned",
 ) -> Cost:
-    """Swin (shifted-)window attention W-MSA on an H x W map (+ the ACmix conv path, paper.md 2.3).
+    """Swin (shifted-)window attention W-MSA on an H x W map (+ the ACmix conv path, docs/official-code.md).
 
     The map is padded to a multiple of the window M (as timm does); L = H_pad * W_pad tokens.
     Stage I: qkv Linear C -> 3 * N * head_dim on L tokens. Stage II: logits and aggregation M^2 * N * head_dim per
@@ -512,13 +514,13 @@ def spatial_reduction_attention_cost(
     fc_bias: bool = True,
     conv_impl: str = "reference",
 ) -> Cost:
-    """PVT spatial-reduction attention (SRA, paper.md 4.3) on H x W tokens (+ ``extra_tokens``, e.g. a cls token).
+    """PVT spatial-reduction attention (SRA, docs/official-code.md) on H x W tokens (+ ``extra_tokens``: a cls token).
 
     q: Linear C -> C on all L = HW + extra tokens (Stage I). With sr_ratio R > 1, keys and values come from a
     R x R / R conv (C^2 R^2 params and MACs per reduced pixel: C^2 per input pixel) + LayerNorm
     (``spatial_reduction``), on L' = (H // R)(W // R) tokens; kv: Linear C -> 2C on L' tokens (Stage I).
     Logits and aggregation L' * C per query each (Stage II); output projection C -> C. ``acmix=True`` adds the
-    Swin-style conv path on the H x W map (FC 3N -> k_c^2 and the C x k_c^2 x k_c x k_c group conv, paper.md 4.3),
+    Swin-style conv path on the H x W map (FC 3N -> k_c^2 and the C x k_c^2 x k_c x k_c group conv, docs/deviations.md),
     alpha and beta.
     """
     _check_pos(dim=dim, num_heads=num_heads, h=h, w=w, sr_ratio=sr_ratio)
@@ -560,7 +562,7 @@ def san_attention_cost(
     conv_impl: str = "reference",
     elementwise: bool = False,
 ) -> Cost:
-    """SAN's self-attention module (paper.md 4.2) on an H x W map, stride 1 (+ this project's ACmix conv path).
+    """SAN's self-attention module (docs/official-code.md) on an H x W map, stride 1 (+ this project's ACmix conv path).
 
     Stage I: q, k (rel_dim) and v (out_dim) 1 x 1 projections with bias. Stage II: the weight MLP ``conv_w``
     (BN-ReLU-1x1 (no bias)-BN-ReLU-1x1) on P pixels, P = HW for patchwise (input rel_dim (k^2 + 1), output
@@ -594,7 +596,7 @@ def san_attention_cost(
 
 
 # ---------------------------------------------------------------------------------------------------- Table 1
-#: symbolic Table 1 (C_in = C_out = C, H x W, conv kernel k, attention window k_att, N heads), paper.md 1.1
+#: symbolic Table 1 (C_in = C_out = C, H x W, conv kernel k, attention window k_att, N heads), docs/paper-numbers.md
 TABLE1_FORMULAS: tuple[dict[str, str], ...] = (
     {
         "module": "convolution k x k",
@@ -654,11 +656,11 @@ def table1(
 
 
 def stage_ratio(c: int, k_att: int = 7) -> float:
-    """Self-attention Stage I / Stage II MACs: 3 C^2 HW / (2 k_att^2 C HW) = 3C / (2 k_att^2) (paper.md 1.2)."""
+    """Self-attention Stage I / Stage II MACs: 3 C^2 HW / (2 k_att^2 C HW) = 3C / (2 k_att^2) (Table 1)."""
     sa = local_attention_cost(c, c, 1, 1, kernel_size=k_att)
     return sa.stage_macs(STAGE_I) / sa.stage_macs(STAGE_II)
 
 
 def stage_ratio_table(channels: Iterable[int] = (64, 128, 256, 512), k_att: int = 7) -> list[dict[str, Any]]:
-    """The Stage I / Stage II ratio of self-attention for each C (paper.md 1.2: 1.96, 3.92, 7.84, 15.67 at 7)."""
+    """Self-attention Stage I / Stage II for each C (docs/paper-numbers.md: 1.96, 3.92, 7.84, 15.67 at k_att 7)."""
     return [{"C": c, "k_att": k_att, "ratio": stage_ratio(c, k_att), "formula": f"3C/(2*{k_att}^2)"} for c in channels]

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import timm
 import torch.nn as nn
 
+from ..models import PAPER_TABLE, create_model
 from .cost import MAC_CONVENTION, stage_ratio_table, table1
 from .counters import COUNTER_BLIND, cross_check
 from .walk import ModelCost, walk
@@ -34,11 +36,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: the paper's claims (paper.md 1.3): Stage I share of the 3 x 3 / attention positions of ResNet-50
+#: the paper's claims (Sec. 3.3; docs/paper-numbers.md): Stage I share of the 3 x 3 / attention positions of ResNet-50
 PAPER_STAGE_SHARES = {"conv": 0.99, "self_attention": 0.83}
 
-#: Fig. 4 of the paper (official ``figure/result.png``), read off the plot (paper.md 3.3): ±0.05 GMACs, ±0.1 top-1.
-#: panel -> [(method, [(GMACs, top-1, label)])]; Swin-T's 81.2-81.3 is plotted at 81.25.
+#: Fig. 4 of the paper (official ``figure/result.png``), read off the plot (docs/paper-numbers.md): ±0.05 GMACs,
+#: ±0.1 top-1. panel -> [(method, [(GMACs, top-1, label)])]; Swin-T's 81.2-81.3 is plotted at 81.25.
 FIG4_POINTS: dict[str, list[tuple[str, list[tuple[float, float, str]]]]] = {
     "ResNet": [
         ("ResNet-ACmix", [(2.27, 76.1, "26"), (2.91, 77.4, "38"), (3.56, 77.9, "50")]),
@@ -70,24 +72,12 @@ FIG4_POINTS: dict[str, list[tuple[str, list[tuple[float, float, str]]]]] = {
     ],
 }
 #: families whose paper numbers come from SAN's counter (``util/complexity.py``): multiply-adds plus conv bias adds,
-#: BatchNorm, ReLU and pooling (paper.md 3.2: the ResNet baselines are SAN-trained, numbers from the SAN README)
+#: BatchNorm, ReLU and pooling (docs/paper-numbers.md: the ResNet baselines are SAN-trained, from the SAN README)
 SAN_COUNTER_FAMILIES = ("san", "resnet")
 _FAMILY_PANEL = {"resnet": "ResNet", "san": "SAN", "pvt": "PVT", "swin": "Swin"}
 
 
 # ---------------------------------------------------------------------------------------------------- models
-def _registry() -> tuple[Any, Any]:
-    """(timm, PAPER_TABLE) with acmix's models registered; PAPER_TABLE is () if acmix.models lacks it."""
-    import timm
-
-    try:
-        from .. import models as acmix_models  # registers the families that have landed
-    except ImportError as exc:  # pragma: no cover - acmix.models is part of the package
-        logger.warning("acmix.models could not be imported (%s); only timm models are available", exc)
-        return timm, ()
-    return timm, getattr(acmix_models, "PAPER_TABLE", ())
-
-
 def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(resolution, int):
         return resolution, resolution
@@ -96,13 +86,13 @@ def _hw(resolution: int | Sequence[int]) -> tuple[int, int]:
     return int(resolution[0]), int(resolution[-1])
 
 
-def _create(timm: Any, name: str, resolution: tuple[int, int]) -> nn.Module:
+def _create(name: str, resolution: tuple[int, int]) -> nn.Module:
     if resolution != (224, 224):
         try:
-            return timm.create_model(name, img_size=resolution)
+            return create_model(name, img_size=resolution)
         except TypeError:  # a conv net: any size works without the argument
             pass
-    return timm.create_model(name)
+    return create_model(name)
 
 
 def _select(names: Sequence[str], patterns: Sequence[str] | None) -> list[str]:
@@ -125,7 +115,7 @@ def model_rows(
             paper table adds it without paper numbers.
         resolution: H or (H, W); the paper's numbers are at 224 x 224, so differences are given only there.
         check_counter: add FlopCounterMode's MACs and the part of the analytic count it cannot see.
-        skipped: receives a note for every model that could not be built (not registered yet, failed).
+        skipped: receives a note for every model that could not be built or costed.
 
     Returns:
         rows with ``name``, ``family``, ``role``, ``params``, ``macs``, ``paper_params``, ``paper_macs``,
@@ -136,16 +126,14 @@ def model_rows(
         ``counter_macs`` (FlopCounterMode) and ``counter_blind_macs`` (the analytic MACs it cannot see).
     """
     res = _hw(resolution)
-    timm, table = _registry()
     wanted: list[tuple[str, dict[str, Any]]] = []
-    for row in table:
-        wanted.append((row.name, _paper_fields(row, baseline=False)))
-        wanted.append((row.baseline, _paper_fields(row, baseline=True)))
+    for entry in PAPER_TABLE:
+        wanted.append((entry.name, _paper_fields(entry, baseline=False)))
+        wanted.append((entry.baseline, _paper_fields(entry, baseline=True)))
     known = {n for n, _ in wanted}
-    registered = set(timm.list_models())
     names = _select([n for n, _ in wanted], patterns)
     for p in patterns or ():
-        if p not in known and not any(ch in p for ch in "*?[") and p in registered:
+        if p not in known and not any(ch in p for ch in "*?[") and timm.is_model(p):
             names.append(p)
             wanted.append((p, {"family": None, "role": "other"}))
     if patterns and not names:
@@ -156,14 +144,8 @@ def model_rows(
     paper = dict(wanted)
     rows = []
     for name in dict.fromkeys(names):
-        if name not in registered:
-            note = f"{name}: not registered (yet); skipped"
-            logger.info(note)
-            if skipped is not None:
-                skipped.append(note)
-            continue
         try:
-            model = _create(timm, name, res)
+            model = _create(name, res)
             mc = walk(model, res, name=name)
         except Exception as exc:  # noqa: BLE001 - one broken model must not hide the others
             note = f"{name}: could not be costed ({type(exc).__name__}: {exc}); skipped"
@@ -221,14 +203,13 @@ def _measured(mc: ModelCost) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------------- stage split
 def stage_split_report(resolution: int | tuple[int, int] = 224, skipped: list[str] | None = None) -> dict[str, Any]:
-    """The Stage I share of every 3 x 3 / attention / ACmix position of ResNet-50 (paper Sec. 3.3, paper.md 1.3).
+    """The Stage I share of every 3 x 3 / attention / ACmix position of ResNet-50 (Sec. 3.3; docs/paper-numbers.md).
 
     Models: timm's ``resnet50`` (torchvision v1.5 layout, the paper's "convolution"), the self-attention ResNet-50
     with k_att = 7 (``acmix_resnet50`` with ``acmix_kwargs={"mix": "attn"}``) counted with the projections at the
-    input resolution (as built) and at the output resolution, and ``acmix_resnet50``. Models that are not
-    registered are skipped with a note.
+    input resolution (as built) and at the output resolution, and ``acmix_resnet50``. A model that cannot be built
+    is skipped with a note.
     """
-    timm, _ = _registry()
     res = _hw(resolution)
     out: dict[str, Any] = {
         "convention": MAC_CONVENTION,
@@ -252,10 +233,10 @@ def stage_split_report(resolution: int | tuple[int, int] = 224, skipped: list[st
         try:
             model = built.get((name, repr(kwargs)))
             if model is None:
-                model = timm.create_model(name, **kwargs)
+                model = create_model(name, **kwargs)
                 built[(name, repr(kwargs))] = model
             mc = walk(model, res, name=name, proj_at=proj_at)  # type: ignore[arg-type]
-        except Exception as exc:  # noqa: BLE001 - not registered yet / not buildable: note and go on
+        except Exception as exc:  # noqa: BLE001 - not buildable: note and go on
             note = f"stage split {key}: {name} {kwargs or ''} unavailable ({type(exc).__name__}: {exc}); skipped"
             logger.info(note)
             if skipped is not None:

@@ -17,7 +17,6 @@ a stage, or an attention / ACmix module. :meth:`ModelCost.stage_split` sums thei
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -26,8 +25,9 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from timm.models.swin_transformer import WindowAttention
 
-from ..layers import ACmix
+from ..layers import ACmix, ACmixWindowAttention, SanAttention, SpatialReductionAttention
 from ..ops import use_backend
 from .cost import (
     MAC_CONVENTION,
@@ -77,8 +77,9 @@ class WalkContext:
         conv_impl: count ACmix conv paths as ``"reference"`` (FC + group conv, the paper's formulation) or
             ``"fused"`` (one grouped conv); ``None`` counts what each module is built to run.
         elementwise: also count what SAN's counter (``util/complexity.py``, a ptflops derivative, used for the
-            SAN and ResNet numbers of paper.md 3.2) counts: conv bias adds (1 per output element), BatchNorm (2 per
-            element), ReLU (1 per element) and pooling (1 per input element), as component ``elementwise``.
+            SAN and ResNet numbers of docs/paper-numbers.md) counts: conv bias adds (1 per output element),
+            BatchNorm (2 per element), ReLU (1 per element) and pooling (1 per input element), as component
+            ``elementwise``.
     """
 
     proj_at: ProjAt = "input"
@@ -268,20 +269,10 @@ def _san_rule(mod: nn.Module, call: Call | None, ctx: WalkContext) -> tuple[str,
     return ("acmix" if is_acmix else "san"), _ran(cost, call)
 
 
-def _register_optional(module: str, cls_name: str, rule: Rule) -> None:
-    """Register ``rule`` for ``module.cls_name`` if that class exists (families land independently)."""
-    try:
-        cls = getattr(importlib.import_module(module), cls_name)
-    except (ImportError, AttributeError) as exc:
-        logger.debug("no cost rule for %s.%s (%s)", module, cls_name, exc)
-        return
-    RULES[cls] = rule
-
-
-_register_optional("timm.models.swin_transformer", "WindowAttention", _timm_window_attention_rule)
-_register_optional("acmix.layers.acmix_swin", "ACmixWindowAttention", _acmix_window_attention_rule)
-_register_optional("acmix.layers.acmix_pvt", "SpatialReductionAttention", _sra_rule)
-_register_optional("acmix.layers.acmix_san", "SanAttention", _san_rule)
+RULES[WindowAttention] = _timm_window_attention_rule
+RULES[ACmixWindowAttention] = _acmix_window_attention_rule
+RULES[SpatialReductionAttention] = _sra_rule  # and ACmixSpatialReductionAttention, a subclass
+RULES[SanAttention] = _san_rule  # and ACmixSanAttention, a subclass
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -490,7 +481,8 @@ def walk(
         input_size: H or (H, W).
         name: label for the result (default: the class name).
         in_chans: input channels (default: the first conv's ``in_channels``).
-        proj_at: count strided projections at ``"input"`` resolution (as built) or ``"output"`` (paper.md 1.3).
+        proj_at: count strided projections at ``"input"`` resolution (as built) or ``"output"`` (Sec. 3.3;
+            docs/paper-numbers.md).
         conv_impl: ``"reference"`` counts every ACmix conv path as FC + group conv (the paper's formulation,
             108 C per pixel for k_c = 3 whatever N); ``None`` counts what the modules run (``"fused"``: 3N k_c^2 C).
         elementwise: SAN's counter convention (:class:`WalkContext`): also count conv bias adds, BatchNorm, ReLU
@@ -506,26 +498,52 @@ def walk(
     if conv_impl not in (None, "reference", "fused"):
         raise ValueError(f"conv_impl must be None, 'reference' or 'fused', got {conv_impl!r}")
     ctx = WalkContext(proj_at=proj_at, conv_impl=conv_impl, elementwise=elementwise)
-    # choose the costed modules: a module with a rule, not inside another costed module
+    costed = _costed_modules(model)
+    chans = in_chans or _in_chans(model)
+    records, traced = _record_calls(model, costed, (1, chans, h, w), fake)
+    result = ModelCost(name or type(model).__name__, (h, w), proj_at=proj_at, traced_with=traced, in_chans=chans)
+    seen_params: set[int] = set()
+    seen_stage = False
+    for mod_name, mod, rule in costed:
+        # stages: from names; modules before the first stage are "stem", after it "head"
+        stage = stage_of(mod_name)
+        if stage is None:
+            stage = "head" if seen_stage else "stem"
+        else:
+            seen_stage = True
+        result.modules.append(_module_cost(mod_name, mod, rule, records[mod_name], stage, ctx, seen_params))
+    result.modules += _unruled_parameters(model, {n for n, _, _ in costed}, seen_params)
+    return result
+
+
+def _costed_modules(model: nn.Module) -> list[tuple[str, nn.Module, Rule]]:
+    """The modules that are costed: each module with a rule that is not inside another costed module."""
     costed: list[tuple[str, nn.Module, Rule]] = []
-    claimed: list[str] = []
     for mod_name, mod in model.named_modules():
-        if any(_inside(mod_name, c) for c in claimed):
+        if any(_inside(mod_name, c) for c, _, _ in costed):
             continue
         rule = _rule_for(mod)
         if rule is not None:
             costed.append((mod_name, mod, rule))
-            claimed.append(mod_name)
-    records: dict[str, list[Call]] = {n: [] for n, _, _ in costed}
-    handles = []
-    for mod_name, mod, _ in costed:
+    return costed
 
-        def hook(m: nn.Module, args: Any, kwargs: Any, out: Any, _name: str = mod_name) -> None:
+
+def _record_calls(
+    model: nn.Module, costed: list[tuple[str, nn.Module, Rule]], x_shape: tuple[int, ...], fake: bool
+) -> tuple[dict[str, list[Call]], str]:
+    """Run one forward in eval mode with a hook on every costed module; returns its calls and how it was traced.
+
+    The model's train/eval flags are restored and the hooks removed afterwards, whatever happens.
+    """
+    records: dict[str, list[Call]] = {n: [] for n, _, _ in costed}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(m: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
             t_in, t_out = _first_tensor(args), _first_tensor(out)
             if t_in is None:
                 t_in = _first_tensor(kwargs)
             if t_in is not None:
-                records[_name].append(
+                records[name].append(
                     Call(
                         tuple(t_in.shape),
                         None if t_out is None else tuple(t_out.shape),
@@ -534,74 +552,73 @@ def walk(
                     )
                 )
 
-        handles.append(mod.register_forward_hook(hook, with_kwargs=True))
-    training = {m: m.training for m in model.modules()}
-    model.eval()
-    chans = in_chans or _in_chans(model)
+        return hook
 
     def reset() -> None:
         for calls in records.values():
             calls.clear()
 
+    handles = [mod.register_forward_hook(record(n), with_kwargs=True) for n, mod, _ in costed]
+    training = {m: m.training for m in model.modules()}
+    model.eval()
     try:
         with reference_attention():
-            traced = _run_forward(model, (1, chans, h, w), fake, reset)
+            traced = _run_forward(model, x_shape, fake, reset)
     finally:
         for hd in handles:
             hd.remove()
         for m, t in training.items():
             m.train(t)
-    result = ModelCost(name or type(model).__name__, (h, w), proj_at=proj_at, traced_with=traced, in_chans=chans)
-    # stages: from names; modules before the first stage are "stem", after it "head"
-    seen_stage = False
-    seen_params: set[int] = set()
-    costed_names = {n for n, _, _ in costed}
-    for mod_name, mod, rule in costed:
-        stage = stage_of(mod_name)
-        if stage is None:
-            stage = "head" if seen_stage else "stem"
-        else:
-            seen_stage = True
-        calls = records[mod_name]
-        if calls:
-            costs = [rule(mod, call, ctx) for call in calls]
-            kind = costs[0][0]
-            cost = Cost.sum(c for _, c in costs[:1])
-            # parameters once, MACs of every call
-            extra = [
-                CostItem(i.component, i.stage, 0, i.macs, i.in_total, i.counter_visible)
-                for _, c in costs[1:]
-                for i in c
-            ]
-            cost = cost + Cost(tuple(extra))
-        else:
-            kind, cost = rule(mod, None, ctx)
-        actual = [p for p in mod.parameters() if id(p) not in seen_params]
-        seen_params.update(id(p) for p in actual)
-        n_actual = sum(p.numel() for p in actual)
-        if cost.params != n_actual:
-            logger.warning(
-                "%s (%s): rule counts %d parameters, the module holds %d (unshared); using the module's count",
-                mod_name, type(mod).__name__, cost.params, n_actual,
-            )  # fmt: skip
-            cost = cost + Cost((CostItem(Component.OTHER, NO_STAGE, n_actual - cost.params, 0),))
-        if kind == "conv_kxk" and stage in ("stem", "head"):  # a k x k conv outside the stages: not a mixer
-            cost = Cost(
-                tuple(
-                    CostItem(Component.CONV, NO_STAGE, i.params, i.macs) if i.component == Component.PROJECTION else i
-                    for i in cost
-                    if i.component != Component.SHIFT_SUM
-                )
-            )
-            kind = "conv"
-        first = calls[0] if calls else None
-        result.modules.append(
-            ModuleCost(
-                mod_name, kind, stage, cost, len(calls), first.input_shape if first else None,
-                first.output_shape if first else None,
-            )
+    return records, traced
+
+
+def _module_cost(
+    mod_name: str,
+    mod: nn.Module,
+    rule: Rule,
+    calls: list[Call],
+    stage: str,
+    ctx: WalkContext,
+    seen_params: set[int],
+) -> ModuleCost:
+    """One costed module: parameters once, MACs of every call, parameters reconciled with the module's own."""
+    if calls:
+        costs = [rule(mod, call, ctx) for call in calls]
+        kind = costs[0][0]
+        extra = [
+            CostItem(i.component, i.stage, 0, i.macs, i.in_total, i.counter_visible) for _, c in costs[1:] for i in c
+        ]
+        cost = Cost.sum(c for _, c in costs[:1]) + Cost(tuple(extra))  # parameters once, MACs of every call
+    else:
+        kind, cost = rule(mod, None, ctx)
+    actual = [p for p in mod.parameters() if id(p) not in seen_params]
+    seen_params.update(id(p) for p in actual)
+    n_actual = sum(p.numel() for p in actual)
+    if cost.params != n_actual:
+        logger.warning(
+            "%s (%s): rule counts %d parameters, the module holds %d (unshared); using the module's count",
+            mod_name, type(mod).__name__, cost.params, n_actual,
         )  # fmt: skip
-    # parameters of modules without a rule (position embeddings, cls token, unknown layers)
+        cost = cost + Cost((CostItem(Component.OTHER, NO_STAGE, n_actual - cost.params, 0),))
+    if kind == "conv_kxk" and stage in ("stem", "head"):  # a k x k conv outside the stages: not a mixer
+        cost = Cost(
+            tuple(
+                CostItem(Component.CONV, NO_STAGE, i.params, i.macs) if i.component == Component.PROJECTION else i
+                for i in cost
+                if i.component != Component.SHIFT_SUM
+            )
+        )
+        kind = "conv"
+    first = calls[0] if calls else None
+    return ModuleCost(
+        mod_name, kind, stage, cost, len(calls), first.input_shape if first else None,
+        first.output_shape if first else None,
+    )  # fmt: skip
+
+
+def _unruled_parameters(model: nn.Module, costed_names: set[str], seen_params: set[int]) -> list[ModuleCost]:
+    """Parameters of modules without a rule (position embeddings, cls token, unknown layers), MACs not counted."""
+    out = []
     for mod_name, mod in model.named_modules():
         if any(_inside(mod_name, c) for c in costed_names):
             continue
@@ -613,12 +630,9 @@ def walk(
         if next(mod.children(), None) is None and _looks_computational(mod):
             logger.warning("no cost rule for %s (%s): its MACs are not counted", mod_name, type(mod).__name__)
         n = sum(p.numel() for p in own)
-        result.modules.append(
-            ModuleCost(
-                mod_name or "<root>", "other", stage, Cost((CostItem(Component.OTHER, NO_STAGE, n, 0),)), 0, None, None
-            )
-        )
-    return result
+        cost = Cost((CostItem(Component.OTHER, NO_STAGE, n, 0),))
+        out.append(ModuleCost(mod_name or "<root>", "other", stage, cost, 0, None, None))
+    return out
 
 
 def _inside(name: str, prefix: str) -> bool:

@@ -2,6 +2,7 @@
 
 * :func:`environment`: device, device model, torch/acmix/Python versions, threads, platform.
 * :func:`synchronize`: wait for queued device work before reading a clock.
+* :func:`num_threads`: set torch's CPU threads for a block.
 * :class:`PeakMemory`: peak memory above a starting level, ``torch.cuda.max_memory_allocated`` on CUDA, Linux
   ``VmHWM`` (after resetting it through ``/proc/self/clear_refs``) on CPU. RSS only tells the truth in a process
   that has not already freed and kept pages from earlier work, so CPU callers measure in a fresh subprocess.
@@ -9,8 +10,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -65,6 +68,18 @@ def synchronize(device: torch.device) -> None:
     """Wait for queued work on ``device``; nothing to do on CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block (``None``: leave as is), restored afterwards."""
+    old = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def _status_kib(key: str) -> int | None:

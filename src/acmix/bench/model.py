@@ -8,53 +8,55 @@ interleaved (:func:`acmix.bench.runner.time_interleaved`), so that a shared, noi
 * ``acmix-reference``: the same weights with the official-style formulation forced on every ACmix layer
   (``backend="reference"``: unfold local attention, unfold SAN aggregation, FC + permute + group conv for the
   convolution path, explicit softmax(q k^T) v for the Swin/PVT host attention; see
-  :func:`acmix.bench.runner.backend_context`).
+  :func:`acmix.bench.switch.backend_context`).
 
 Ratios compare time per image (so a batch halved after out-of-memory stays comparable) and peak memory. On a CPU
 the peak memory of each variant is measured in a fresh interpreter (``rss_hwm_subprocess``, see
-:mod:`acmix.bench.runner`), on CUDA in-process with ``torch.cuda.max_memory_allocated``.
+:mod:`acmix.bench.memory`), on CUDA in-process with ``torch.cuda.max_memory_allocated``.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
+import torch.nn as nn
 
-from .runner import (
-    MODES,
-    RESULT_FIELDS,
-    BenchCase,
-    BenchConfig,
-    BenchResult,
-    ModelFactory,
-    acmix_layers,
-    create_model,
-    measure_memory_subprocess,
-    time_interleaved,
-)
+from ..models import PAPER_TABLE, create_model
+from . import report
+from .config import MODES, RESULT_FIELDS, BenchConfig, BenchResult, ModelFactory
+from .memory import MEMORY_MODES, check_memory_mode, measure_memory_subprocess
+from .report import columns, fmt, ratio, save_figure
+from .runner import BenchCase, time_interleaved
+from .switch import acmix_layers
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "MEMORY_MODES",
+    "Ratio",
+    "baseline_of",
+    "compare_models",
+    "compute_ratios",
+    "format_environment",
+    "format_ratios",
+    "format_table",
+    "plot_bars",
+    "write_csv",
+    "write_json",
+]
 
 _logger = logging.getLogger(__name__)
 
 #: the ACmix models measured when none are named (one per family, the paper's smallest)
 DEFAULT_MODELS = ("acmix_resnet26", "acmix_san10", "acmix_pvt_tiny", "acmix_swin_tiny_patch4_window7_224")
-VARIANTS = ("baseline", "acmix", "acmix-reference")
-MEMORY_MODES = ("auto", "subprocess", "inprocess", "off")
 
 
 def baseline_of(name: str) -> str | None:
     """The registered baseline of an ACmix model (from ``acmix.models.PAPER_TABLE``), or None."""
-    from ..models import PAPER_TABLE
-
     for row in PAPER_TABLE:
         if row.name == name:
             return str(row.baseline)
@@ -81,10 +83,6 @@ class Ratio:
 
 def _ms_per_image(row: BenchResult) -> float:
     return row.latency_ms / row.batch
-
-
-def _div(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b <= 0 else a / b
 
 
 def compute_ratios(rows: Sequence[BenchResult]) -> list[Ratio]:
@@ -115,10 +113,10 @@ def compute_ratios(rows: Sequence[BenchResult]) -> list[Ratio]:
                 model=group,
                 baseline=None if base is None else base.model,
                 mode=mode,
-                time_vs_baseline=_div(t(mine), t(base)),
-                memory_vs_baseline=_div(m(mine), m(base)),
-                reference_time_vs_acmix=_div(t(ref), t(mine)),
-                reference_memory_vs_acmix=_div(m(ref), m(mine)),
+                time_vs_baseline=ratio(t(mine), t(base)),
+                memory_vs_baseline=ratio(m(mine), m(base)),
+                reference_time_vs_acmix=ratio(t(ref), t(mine)),
+                reference_memory_vs_acmix=ratio(m(ref), m(mine)),
             )
         )
     return out
@@ -158,25 +156,11 @@ def compare_models(
             ``acmix-<name>``, same weights), timed in the same interleaved run (e.g. ``triton`` against ``tiled``).
 
     Returns:
-        one :class:`~acmix.bench.runner.BenchResult` per model, variant and mode, with ``group`` set to the
+        one :class:`~acmix.bench.config.BenchResult` per model, variant and mode, with ``group`` set to the
         ACmix model's name; :func:`compute_ratios` turns them into ratios.
     """
     config = config or BenchConfig()
-    for mode in modes:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"memory must be one of {MEMORY_MODES}, got {memory!r}")
-    if memory == "subprocess" and factory is not None:
-        raise ValueError("memory='subprocess' needs registered model names; a custom factory measures in-process")
-    if not models:
-        raise ValueError("no models given")
-    if factory is None:  # fail on a typo before minutes of measuring, not after
-        import timm
-
-        unknown = [n for n in [*models, *(baselines or {}).values()] if not timm.is_model(n)]
-        if unknown:
-            raise ValueError(f"unknown model {unknown[0]!r}; see `acmix list` or timm.list_models()")
+    _check_comparison(models, modes, memory, factory, baselines)
     build: ModelFactory = factory or (
         lambda n: create_model(n, num_classes=config.num_classes, in_chans=config.in_chans)
     )
@@ -190,40 +174,79 @@ def compare_models(
             if progress is not None:
                 progress(f"{name} ({mode}) vs {base_name or '-'}")
             module = build(name)
-            cases = []
-            if baseline and base_name is not None:
-                cases.append(BenchCase(base_name, build(base_name), replace(config, backend=None), "baseline", name))
-            has_layers = bool(acmix_layers(module))
-            if reference and has_layers:
-                ref = copy.deepcopy(module)
-            label = "acmix" if has_layers or len(cases) else ""
-            cases.append(BenchCase(name, module, config, label, name))
-            if reference and has_layers:
-                cases.append(BenchCase(name, ref, replace(config, backend="reference"), "acmix-reference", name))
-            switchable = any(hasattr(m, "backend") for m in acmix_layers(module))  # a local-attention path
-            for extra in extra_backends if switchable else ():
-                extra_cfg = replace(config, backend=extra)
-                cases.append(BenchCase(name, copy.deepcopy(module), extra_cfg, f"acmix-{extra}", name))
+            base = build(base_name) if baseline and base_name is not None else None
+            cases = _comparison_cases(name, module, config, base_name, base, reference, extra_backends)
             got = time_interleaved(cases, mode, measure_memory=memory != "off" and not use_subprocess)
             if use_subprocess:
-                for row, case in zip(got, cases):
-                    mem_cfg = replace(case.config, batch=row.batch, warmup=min(case.config.warmup, 2))
-                    peak, method = measure_memory_subprocess(case.name, mode, mem_cfg)
-                    row.peak_mem_mib, row.mem_method = peak, method if peak is not None else "none"
-                    if peak is None:
-                        row.note = "; ".join(x for x in (row.note, f"memory: {method}") if x)
+                _memory_in_children(got, cases, mode)
             rows.extend(got)
             if on_rows is not None:
                 on_rows(got)
-            del cases, module
+            del cases, module, base
     return rows
 
 
+def _check_comparison(
+    models: Sequence[str],
+    modes: Sequence[str],
+    memory: str,
+    factory: ModelFactory | None,
+    baselines: dict[str, str] | None,
+) -> None:
+    """One-line errors for bad arguments of :func:`compare_models`, before minutes of measuring, not after."""
+    for mode in modes:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_memory_mode(memory)
+    if memory == "subprocess" and factory is not None:
+        raise ValueError("memory='subprocess' needs registered model names; a custom factory measures in-process")
+    if not models:
+        raise ValueError("no models given")
+    if factory is None:
+        import timm
+
+        unknown = [n for n in [*models, *(baselines or {}).values()] if not timm.is_model(n)]
+        if unknown:
+            raise ValueError(f"unknown model {unknown[0]!r}; see acmix.list_models() or `acmix models`")
+
+
+def _comparison_cases(
+    name: str,
+    module: nn.Module,
+    config: BenchConfig,
+    base_name: str | None,
+    base: nn.Module | None,
+    reference: bool,
+    extra_backends: Sequence[str],
+) -> list[BenchCase]:
+    """The variants of one comparison: baseline, ``acmix``, ``acmix-reference`` and ``acmix-<backend>``."""
+    cases = []
+    if base is not None and base_name is not None:
+        cases.append(BenchCase(base_name, base, replace(config, backend=None), "baseline", name))
+    has_layers = bool(acmix_layers(module))
+    ref = copy.deepcopy(module) if reference and has_layers else None
+    label = "acmix" if has_layers or len(cases) else ""
+    cases.append(BenchCase(name, module, config, label, name))
+    if ref is not None:
+        cases.append(BenchCase(name, ref, replace(config, backend="reference"), "acmix-reference", name))
+    switchable = any(hasattr(m, "backend") for m in acmix_layers(module))  # a local-attention path
+    for extra in extra_backends if switchable else ():
+        extra_cfg = replace(config, backend=extra)
+        cases.append(BenchCase(name, copy.deepcopy(module), extra_cfg, f"acmix-{extra}", name))
+    return cases
+
+
+def _memory_in_children(rows: list[BenchResult], cases: list[BenchCase], mode: str) -> None:
+    """Fill each row's peak memory from a fresh interpreter that runs the case's warm-up (at most 2 steps)."""
+    for row, case in zip(rows, cases):
+        mem_cfg = replace(case.config, batch=row.batch, warmup=min(case.config.warmup, 2))
+        peak, method = measure_memory_subprocess(case.name, mode, mem_cfg)
+        row.peak_mem_mib, row.mem_method = peak, method if peak is not None else "none"
+        if peak is None:
+            row.note = "; ".join(x for x in (row.note, f"memory: {method}") if x)
+
+
 # ---------------------------------------------------------------------------------------------------- output
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def format_table(rows: Sequence[BenchResult]) -> str:
@@ -238,12 +261,12 @@ def format_table(rows: Sequence[BenchResult]) -> str:
             r.backend,
             f"{r.latency_ms:.1f}",
             f"{r.images_per_s:.2f}",
-            _fmt(r.peak_mem_mib, ".0f"),
+            fmt(r.peak_mem_mib, ".0f"),
             r.note,
         )
         for r in rows
     ]
-    return _columns(head, body)
+    return columns(head, body)
 
 
 def format_ratios(ratios: Sequence[Ratio]) -> str:
@@ -254,14 +277,14 @@ def format_ratios(ratios: Sequence[Ratio]) -> str:
             q.model,
             q.baseline or "-",
             q.mode,
-            _fmt(q.time_vs_baseline, ".2f") + ("x" if q.time_vs_baseline is not None else ""),
-            _fmt(q.memory_vs_baseline, ".2f") + ("x" if q.memory_vs_baseline is not None else ""),
-            _fmt(q.reference_time_vs_acmix, ".2f") + ("x" if q.reference_time_vs_acmix is not None else ""),
-            _fmt(q.reference_memory_vs_acmix, ".2f") + ("x" if q.reference_memory_vs_acmix is not None else ""),
+            fmt(q.time_vs_baseline, ".2f", "x"),
+            fmt(q.memory_vs_baseline, ".2f", "x"),
+            fmt(q.reference_time_vs_acmix, ".2f", "x"),
+            fmt(q.reference_memory_vs_acmix, ".2f", "x"),
         )
         for q in ratios
     ]
-    return _columns(head, body)
+    return columns(head, body)
 
 
 def format_environment(rows: Sequence[BenchResult]) -> str:
@@ -276,43 +299,14 @@ def format_environment(rows: Sequence[BenchResult]) -> str:
     )
 
 
-def _columns(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip() for line in (head, *body)]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def _atomic_write(path: str | Path, write: Callable[[Any], None]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_csv(rows: Sequence[BenchResult], path: str | Path) -> Path:
     """Write the rows as CSV (one column per :class:`BenchResult` field), atomically."""
-
-    def write(fh: Any) -> None:
-        writer = csv.DictWriter(fh, fieldnames=list(RESULT_FIELDS))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(r.to_dict())
-
-    return _atomic_write(path, write)
+    return report.write_csv(rows, path, RESULT_FIELDS)
 
 
 def write_json(rows: Sequence[BenchResult], path: str | Path, ratios: Sequence[Ratio] | None = None) -> Path:
     """Write ``{"rows": [...], "ratios": [...]}`` as JSON, atomically."""
-    doc = {"rows": [r.to_dict() for r in rows], "ratios": [asdict(q) for q in (ratios or [])]}
-    return _atomic_write(path, lambda fh: json.dump(doc, fh, indent=2))
+    return report.write_json({"rows": [r.to_dict() for r in rows], "ratios": [asdict(q) for q in (ratios or [])]}, path)
 
 
 def plot_bars(rows: Sequence[BenchResult], path: str | Path) -> Path:
@@ -351,10 +345,4 @@ def plot_bars(rows: Sequence[BenchResult], path: str | Path) -> Path:
     env = format_environment(rows)
     fig.suptitle(env[:160], fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)

@@ -23,32 +23,55 @@ the benchmark process instead (``rss_hwm``, an underestimate after earlier rows)
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import os
 import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn as nn
 
 from ..layers import ACmix
 from ..ops import available_backends, choose_backend, get_backend, local_attention
-from .env import PeakMemory, environment, run_json_child, synchronize
+from . import report
+from .env import PeakMemory, environment, num_threads, run_json_child, synchronize
+from .memory import MEMORY_MODES, check_memory_mode, subprocess_method
+from .report import columns, fmt, ratio, save_figure
 
 _logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-#: the ResNet stages of paper.md (channels, map side): stage 1 to 4 of ACmix-ResNet-50 bottlenecks
+#: the ResNet stages (channels, map side; docs/paper-numbers.md, Table 1): stage 1 to 4 of ACmix-ResNet-50 bottlenecks
 RESNET_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
 SUBJECTS = ("attention", "conv3x3", "proj1x1", "acmix", "acmix-official")
-MEMORY_MODES = ("auto", "subprocess", "inprocess", "off")
+__all__ = [
+    "DTYPES",
+    "MEMORY_MODES",
+    "RESNET_SHAPES",
+    "ROW_FIELDS",
+    "SUBJECTS",
+    "OpRow",
+    "OpSpec",
+    "ShapeSummary",
+    "default_backend",
+    "format_environment",
+    "format_summary",
+    "format_table",
+    "measure_group",
+    "measure_memory",
+    "parse_shapes",
+    "plot",
+    "run",
+    "runnable_backends",
+    "specs_for",
+    "summarize",
+    "write_csv",
+    "write_json",
+]
 
 
 @dataclass(frozen=True)
@@ -220,8 +243,7 @@ def measure_group(group: Sequence[OpSpec], *, warmup: int = 2, repeats: int = 5,
     """Time every spec of a group (interleaved repeats), then measure its peak memory."""
     if warmup < 0 or repeats < 1:
         raise ValueError(f"warmup must be >= 0 and repeats >= 1, got {warmup}, {repeats}")
-    if memory not in MEMORY_MODES:
-        raise ValueError(f"unknown memory mode {memory!r}; valid: {', '.join(MEMORY_MODES)}")
+    check_memory_mode(memory)
     if not group:
         return []
     device = torch.device(group[0].device)
@@ -298,8 +320,7 @@ def _memory_subprocess(spec: OpSpec, timeout: float = 600.0) -> tuple[float | No
     if out is None:
         _logger.warning("memory subprocess failed for %s: %s", spec, reason)
         return None, reason
-    method = "rss_hwm_subprocess" if out["method"] == "rss_hwm" else out["method"]
-    return out["peak_mib"], method
+    return out["peak_mib"], subprocess_method(out["method"])
 
 
 def _memory_child() -> int:
@@ -322,12 +343,9 @@ def run(
     progress: Callable[[str], None] | None = None,
 ) -> list[OpRow]:
     """Measure every group; ``threads`` sets ``torch.set_num_threads`` for the run (restored afterwards)."""
-    old = torch.get_num_threads()
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
-    try:
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    with num_threads(threads):
         rows: list[OpRow] = []
         for group in groups:
             if progress and group:
@@ -335,12 +353,10 @@ def run(
                 progress(f"B={g.batch} C={g.channels} {g.size}x{g.size} stride {g.stride} ({len(group)} subjects)")
             done = measure_group(group, warmup=warmup, repeats=repeats, memory=memory)
             if progress:
-                parts = [f"{_label(r)} {r.median_ms:.1f} ms / {_fmt(r.peak_mib, '.0f')} MiB" for r in done]
+                parts = [f"{_label(r)} {r.median_ms:.1f} ms / {fmt(r.peak_mib, '.0f')} MiB" for r in done]
                 progress("  " + ", ".join(parts))
             rows.extend(done)
         return rows
-    finally:
-        torch.set_num_threads(old)
 
 
 # ------------------------------------------------------------------------------------------------- reporting
@@ -372,10 +388,6 @@ def _mem(r: OpRow | None) -> float | None:
     return r.peak_mib if r else None
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
 def summarize(rows: Sequence[OpRow]) -> list[ShapeSummary]:
     """One :class:`ShapeSummary` per shape, in row order."""
     out = []
@@ -390,36 +402,24 @@ def summarize(rows: Sequence[OpRow]) -> list[ShapeSummary]:
             ShapeSummary(
                 shape,
                 default,
-                _ratio(_ms(ref), _ms(fast)),
-                _ratio(_mem(fast), _mem(ref)),
-                _ratio(_ms(layer), _ms(proj)),
-                _ratio(_ms(official), _ms(proj)),
-                _ratio(_ms(conv), _ms(proj)),
+                ratio(_ms(ref), _ms(fast)),
+                ratio(_mem(fast), _mem(ref)),
+                ratio(_ms(layer), _ms(proj)),
+                ratio(_ms(official), _ms(proj)),
+                ratio(_ms(conv), _ms(proj)),
             )
         )
     return out
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def _columns(head: Sequence[str], body: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    lines = ["  ".join(x.ljust(w) for x, w in zip(head, widths)).rstrip()]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip() for row in body]
-    return "\n".join(lines)
 
 
 def format_table(rows: Sequence[OpRow]) -> str:
     """Plain-text table of the rows."""
     head = ["shape B x C x H x W / stride", "subject", "backend", "fwd+bwd ms", "min ms", "peak MiB", "memory method"]
     body = [
-        [r.shape, r.subject, r.backend, f"{r.median_ms:.1f}", f"{r.min_ms:.1f}", _fmt(r.peak_mib, ".0f"), r.mem_method]
+        [r.shape, r.subject, r.backend, f"{r.median_ms:.1f}", f"{r.min_ms:.1f}", fmt(r.peak_mib, ".0f"), r.mem_method]
         for r in rows
     ]
-    return _columns(head, body)
+    return columns(head, body)
 
 
 def format_summary(summaries: Sequence[ShapeSummary]) -> str:
@@ -437,15 +437,15 @@ def format_summary(summaries: Sequence[ShapeSummary]) -> str:
         [
             s.shape,
             s.default_backend,
-            _fmt(s.speedup_vs_reference, ".1f"),
-            _fmt(s.memory_vs_reference, ".3f"),
-            _fmt(s.layer_vs_proj, ".2f"),
-            _fmt(s.official_layer_vs_proj, ".1f"),
-            _fmt(s.conv3x3_vs_proj, ".2f"),
+            fmt(s.speedup_vs_reference, ".1f"),
+            fmt(s.memory_vs_reference, ".3f"),
+            fmt(s.layer_vs_proj, ".2f"),
+            fmt(s.official_layer_vs_proj, ".1f"),
+            fmt(s.conv3x3_vs_proj, ".2f"),
         ]
         for s in summaries
     ]
-    return _columns(head, body)
+    return columns(head, body)
 
 
 def format_environment(rows: Sequence[OpRow]) -> str:
@@ -458,37 +458,14 @@ def format_environment(rows: Sequence[OpRow]) -> str:
     )
 
 
-def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise FileNotFoundError(f"output directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-    return path
-
-
 def write_csv(rows: Sequence[OpRow], path: str | Path) -> Path:
-    def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=ROW_FIELDS)
-            w.writeheader()
-            for r in rows:
-                w.writerow(asdict(r))
-
-    return _atomic(path, write)
+    """Write the rows as CSV (one column per :class:`OpRow` field), atomically."""
+    return report.write_csv(rows, path, ROW_FIELDS)
 
 
 def write_json(rows: Sequence[OpRow], path: str | Path) -> Path:
-    doc: dict[str, Any] = {
-        "rows": [asdict(r) for r in rows],
-        "summary": [asdict(s) for s in summarize(rows)],
-    }
-
-    def write(tmp: Path) -> None:
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-
-    return _atomic(path, write)
+    """Write ``{"rows": [...], "summary": [...]}`` as JSON, atomically."""
+    return report.write_json({"rows": [asdict(r) for r in rows], "summary": [asdict(s) for s in summarize(rows)]}, path)
 
 
 def plot(rows: Sequence[OpRow], path: str | Path) -> Path:
@@ -514,7 +491,8 @@ def plot(rows: Sequence[OpRow], path: str | Path) -> Path:
         axes[1].bar(xs, ms, width, label=label)
     axes[0].set_yscale("log")
     axes[0].set_ylabel("forward + backward (ms, median)")
-    axes[1].set_yscale("log")
+    if any(r.peak_mib for r in rows):  # a log axis needs a positive value (none with --memory off)
+        axes[1].set_yscale("log")
     axes[1].set_ylabel("peak memory (MiB)")
     axes[1].set_xticks(range(len(shapes)))
     axes[1].set_xticklabels(shapes, rotation=20, fontsize=8)
@@ -522,14 +500,7 @@ def plot(rows: Sequence[OpRow], path: str | Path) -> Path:
     if rows:
         axes[0].set_title(format_environment(rows), fontsize=8)
     fig.tight_layout()
-
-    def write(tmp: Path) -> None:
-        fig.savefig(tmp, dpi=110, format="png")
-
-    try:
-        return _atomic(path, write)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, path)
 
 
 def _label(r: OpRow) -> str:

@@ -9,9 +9,17 @@ import importlib
 import sys
 
 from ..bench import op as bench_op
+from .main import add_command
 
 #: (module under acmix.cli, function) that add a subcommand to the ``acmix bench`` subparsers
 SUBCOMMANDS = (("bench", "register_op_subcommand"), ("bench_model", "register_model_subcommand"))
+
+_OP_HELP = "attention op: every backend vs the unfold reference, 3x3 conv, 1x1 projections, whole layer"
+_OP_DESCRIPTION = (
+    "Forward + backward time (median of interleaved repeats after warm-up) and peak memory of the local attention op "
+    "with each backend (reference = official-style unfold), a 3x3 conv, the layer's three 1x1 projections and the "
+    "whole ACmix layer, at the ResNet shapes."
+)
 
 
 def run_op(args: argparse.Namespace) -> int:
@@ -55,15 +63,7 @@ def _positive(text: str) -> int:
 
 def register_op_subcommand(bench_subparsers: argparse._SubParsersAction) -> None:
     """Add ``op`` to the subparsers of ``acmix bench``."""
-    p = bench_subparsers.add_parser(
-        "op",
-        help="attention op: every backend vs the unfold reference, 3x3 conv, 1x1 projections, whole layer",
-        description=(
-            "Forward + backward time (median of interleaved repeats after warm-up) and peak memory of the local "
-            "attention op with each backend (reference = official-style unfold), a 3x3 conv, the layer's three 1x1 "
-            "projections and the whole ACmix layer, at the ResNet shapes."
-        ),
-    )
+    p = add_command(bench_subparsers, "op", _OP_HELP, _OP_DESCRIPTION, run_op, raw=False)
     g = p.add_argument_group("what to measure")
     g.add_argument(
         "--shapes", default="64x56,128x28,256x14,512x7", help="CxH items, comma separated (default: ResNet stages)"
@@ -90,7 +90,6 @@ def register_op_subcommand(bench_subparsers: argparse._SubParsersAction) -> None
     g.add_argument("--csv", default=None, help="write the rows as CSV")
     g.add_argument("--json", default=None, help="write rows and ratios as JSON")
     g.add_argument("--plot", default=None, help="write a bar plot (PNG)")
-    p.set_defaults(func=run_op)
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..bench.config import DTYPES, MEMORY_FORMATS, MODES, BenchConfig
 from ..bench.model import (
     DEFAULT_MODELS,
     MEMORY_MODES,
@@ -19,27 +20,26 @@ from ..bench.model import (
     write_csv,
     write_json,
 )
-from ..bench.runner import DTYPES, MEMORY_FORMATS, MODES, BenchConfig
 from ..ops import get_backend
+from .main import add_command
+
+_HELP = "model speed and memory: ACmix vs baseline vs official-style formulation"
+_DESCRIPTION = (
+    "Inference and training-step throughput and peak memory of whole models. Each ACmix model runs beside its "
+    "baseline (acmix.models.PAPER_TABLE) and beside itself with the official-style 'reference' formulation, in one "
+    "process with interleaved repeats; ratios compare time per image."
+)
+#: the flags that are :class:`~acmix.bench.config.BenchConfig` fields of the same name
+_CONFIG_FLAGS = (
+    "device", "dtype", "batch", "resolution", "memory_format", "compile", "backend", "warmup", "repeats",
+    "steps_per_repeat", "threads", "num_classes",
+)  # fmt: skip
 
 
 def run_model(args: argparse.Namespace) -> int:
     if args.backend is not None:
         get_backend(args.backend)  # an unknown name is a one-line error before anything is measured
-    config = BenchConfig(
-        device=args.device,
-        dtype=args.dtype,
-        batch=args.batch,
-        resolution=args.resolution,
-        memory_format=args.memory_format,
-        compile=args.compile,
-        backend=args.backend,
-        warmup=args.warmup,
-        repeats=args.repeats,
-        steps_per_repeat=args.steps_per_repeat,
-        threads=args.threads,
-        num_classes=args.num_classes,
-    )
+    config = BenchConfig(**{name: getattr(args, name) for name in _CONFIG_FLAGS})
     rows = compare_models(
         args.models or DEFAULT_MODELS,
         config,
@@ -67,15 +67,7 @@ def run_model(args: argparse.Namespace) -> int:
 
 def register_model_subcommand(bench_subparsers: argparse._SubParsersAction) -> None:
     """Add ``model`` to the subparsers of ``acmix bench``."""
-    p = bench_subparsers.add_parser(
-        "model",
-        help="model speed and memory: ACmix vs baseline vs official-style formulation",
-        description=(
-            "Inference and training-step throughput and peak memory of whole models. Each ACmix model runs beside "
-            "its baseline (acmix.models.PAPER_TABLE) and beside itself with the official-style 'reference' "
-            "formulation, in one process with interleaved repeats; ratios compare time per image."
-        ),
-    )
+    p = add_command(bench_subparsers, "model", _HELP, _DESCRIPTION, run_model, raw=False)
     p.add_argument("models", nargs="*", help=f"registered model names (default: {' '.join(DEFAULT_MODELS)})")
     g = p.add_argument_group("what to measure")
     g.add_argument("--mode", nargs="+", choices=MODES, default=["train"], help="training step and/or inference")
@@ -105,4 +97,3 @@ def register_model_subcommand(bench_subparsers: argparse._SubParsersAction) -> N
     g.add_argument("--csv", default=None, help="write the rows as CSV")
     g.add_argument("--json", default=None, help="write rows and ratios as JSON")
     g.add_argument("--plot", default=None, help="write a bar plot (PNG)")
-    p.set_defaults(func=run_model)

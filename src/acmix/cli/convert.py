@@ -247,7 +247,7 @@ def run_models(args: argparse.Namespace) -> int:
             f"{row.name:<38} {row.family:<7} {row.params_m:>8.1f} {row.gmacs:>6.1f} {row.top1:>6.1f}   "
             f"{row.baseline} ({row.baseline_params_m:g}, {row.baseline_gmacs:g}, {row.baseline_top1:g})"
         )
-    print("paper numbers (paper.md 3.1/3.2); create any of them with timm.create_model(NAME) after `import acmix`")
+    print("paper numbers (docs/paper-numbers.md); create any of them with timm.create_model(NAME) after `import acmix`")
     return 0
 
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .main import UsageError
+from .main import UsageError, add_command
 from .train import one_line_errors
 
 
@@ -82,12 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "eval",
-        help="evaluate a checkpoint (top-1/top-5/loss)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "eval", "evaluate a checkpoint (top-1/top-5/loss)", __doc__, run)
     p.add_argument("checkpoint", nargs="?", help="run folder, .state.pt, .safetensors or official checkpoint")
     p.add_argument("--model", help="model name, for checkpoints without an acmix state file")
     p.add_argument("--num-classes", type=int, help="classes of a bare checkpoint's model")
@@ -103,4 +98,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--skip-bad-images", action="store_true")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     one_line_errors(p, "acmix eval")
-    p.set_defaults(func=run)

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .main import UsageError
+from .main import UsageError, add_command
 from .train import one_line_errors
 
 
@@ -58,12 +58,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "inspect",
-        help="alpha/beta of every ACmix layer (table + plot)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "inspect", "alpha/beta of every ACmix layer (table + plot)", __doc__, run)
     p.add_argument("checkpoint", help="run folder, .state.pt or .safetensors (official files with --model)")
     p.add_argument("--model", help="model name, for checkpoints without an acmix state file")
     p.add_argument("--ema", action="store_true")
@@ -71,4 +66,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--json", action="store_true")
     one_line_errors(p, "acmix inspect")
-    p.set_defaults(func=run)

@@ -11,7 +11,7 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from .._env import configure_logging
@@ -24,6 +24,23 @@ COMMAND_MODULES = ("info", "demo", "cost", "train", "evaluate", "predict", "insp
 
 class UsageError(Exception):
     """A user error: printed as one line, exit status 2."""
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    help: str,
+    description: str | None,
+    func: Callable[[argparse.Namespace], int],
+    *,
+    raw: bool = True,
+) -> argparse.ArgumentParser:
+    """Add one subcommand: ``help`` for the command list, ``description`` for its ``--help`` (kept as written when
+    ``raw``, e.g. the command module's docstring; re-wrapped otherwise) and ``func(args) -> exit status``."""
+    formatter = argparse.RawDescriptionHelpFormatter if raw else argparse.HelpFormatter
+    p = subparsers.add_parser(name, help=help, description=description, formatter_class=formatter)
+    p.set_defaults(func=func)
+    return p
 
 
 class _Parser(argparse.ArgumentParser):

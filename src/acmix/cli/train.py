@@ -15,7 +15,7 @@ import sys
 import types
 from typing import Any
 
-from .main import UsageError
+from .main import UsageError, add_command
 
 _GROUPS: dict[str, tuple[str, ...]] = {
     "model and data": (
@@ -93,7 +93,7 @@ _GROUPS: dict[str, tuple[str, ...]] = {
 _HELP = {
     "model": "any timm-registered model (acmix_* or timm's); default: acmix_micro",
     "data_dir": "image folder with train/ and val/ sub-folders of class folders (default: embedded digits)",
-    "recipe": "paper recipe: resnet, san, pvt, swin or digits (paper.md section 5)",
+    "recipe": "paper recipe: resnet, san, pvt, swin or digits (docs/recipes.md)",
     "config": "YAML file of overrides; keys are the flag names",
     "output": "run folder (default runs/<model>-<time>; a resumed run keeps its folder); must be empty or new",
     "overwrite": "let a new run delete the run already in --output (without it such a folder is refused)",
@@ -242,12 +242,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a model (default: acmix_micro on the embedded digits)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = add_command(sub, "train", "train a model (default: acmix_micro on the embedded digits)", __doc__, run)
     add_config_flags(p)
     one_line_errors(p, "acmix train")
-    p.set_defaults(func=run)

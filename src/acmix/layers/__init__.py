@@ -10,7 +10,7 @@ ACmix host layers (each with the shared convolution path and alpha/beta mix of :
 Their baselines: :class:`SanAttention`, :class:`SpatialReductionAttention` (and timm's Swin and ResNet layers).
 """
 
-from .acmix import ACmix, convert_official_state_dict, is_official_state_dict, position_grid
+from .acmix import ACmix
 from .acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention
 from .acmix_san import ACmixSanAttention, SanAttention
 from .acmix_swin import ACmixSwinBlock, ACmixWindowAttention
@@ -25,7 +25,4 @@ __all__ = [
     "ConvPathMixin",
     "SanAttention",
     "SpatialReductionAttention",
-    "convert_official_state_dict",
-    "is_official_state_dict",
-    "position_grid",
 ]

@@ -11,6 +11,8 @@ attention); prefix tokens (the stage-4 cls token) are only allowed with ``sr_rat
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 import torch.nn as nn
@@ -18,7 +20,6 @@ import torch.nn.functional as F
 
 from ..ops import cell_upsample
 from ..ops._checks import is_symbolic
-from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
 
 __all__ = ["ACmixSpatialReductionAttention", "SpatialReductionAttention"]
@@ -119,12 +120,12 @@ class ACmixSpatialReductionAttention(ConvPathMixin, SpatialReductionAttention):
     fell into (:func:`acmix.ops.cell_upsample`). A light FC maps the 3N head maps to k_c^2 maps and a c-III group
     conv (dim x k_c^2 x k_c x k_c, shift-initialised, no bias) shifts and sums them (:func:`acmix.ops.conv_path`).
     Output ``proj_drop(alpha * proj(attention) + beta * conv_path)`` as in the official Swin-ACmix; prefix tokens
-    have no neighbourhood, their conv-path output is zero. The FC has a bias, as in the official transformer host.
+    have no neighbourhood, their conv-path output is zero.
 
     Args:
         dim, num_heads, sr_ratio, qkv_bias, attn_drop, proj_drop: as :class:`SpatialReductionAttention`.
-        conv_kernel_size, fc_bias, shift_mode, shift_init, mix, alpha_init, beta_init, conv_impl: the convolution
-            path and mix (:class:`acmix.layers.ConvPathMixin`).
+        fc_bias: bias on the conv-path FC (here True, as in the official transformer host).
+        **conv_path: the other options of :meth:`acmix.layers.ConvPathMixin.init_conv_path` (``mix``, ...).
 
     Shape:
         x (B, P + H * W, dim) -> same shape.
@@ -139,29 +140,11 @@ class ACmixSpatialReductionAttention(ConvPathMixin, SpatialReductionAttention):
         qkv_bias: bool = True,
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
-        conv_kernel_size: int = 3,
         fc_bias: bool = True,
-        shift_mode: ShiftMode | str = "group",
-        shift_init: bool = True,
-        mix: MixMode | str = "learned",
-        alpha_init: float = 0.5,
-        beta_init: float = 0.5,
-        conv_impl: ConvImpl | str | None = None,
+        **conv_path: Any,
     ) -> None:
         super().__init__(dim, num_heads, sr_ratio=sr_ratio, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.init_conv_path(
-            dim,
-            3 * num_heads,
-            self.head_dim,
-            conv_kernel_size=conv_kernel_size,
-            fc_bias=fc_bias,
-            shift_mode=shift_mode,
-            shift_init=shift_init,
-            mix=mix,
-            alpha_init=alpha_init,
-            beta_init=beta_init,
-            conv_impl=conv_impl,
-        )
+        self.init_conv_path(dim, 3 * num_heads, self.head_dim, fc_bias=fc_bias, **conv_path)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -15,6 +15,8 @@ Deviations from hszhao/SAN:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx
 import torch.nn as nn
@@ -23,7 +25,6 @@ import torch.nn.functional as F
 from ..ops import local_aggregate
 from ..ops._checks import check_odd_kernel, is_symbolic
 from ..ops._indexing import reflect_pad2d
-from ..types import ConvImpl, MixMode, ShiftMode
 from .acmix import position_grid
 from .conv_path import ConvPathMixin
 
@@ -157,8 +158,8 @@ class ACmixSanAttention(ConvPathMixin, SanAttention):
 
     Args:
         dim, rel_dim, out_dim, share_planes, kernel_size, sa_type: as :class:`SanAttention`.
-        conv_kernel_size, fc_bias, shift_mode, shift_init, mix, alpha_init, beta_init, conv_impl: the convolution
-            path and mix (:class:`acmix.layers.ConvPathMixin`); the FC has no bias, as in the official ResNet host.
+        fc_bias: bias on the conv-path FC (here False, as in the official ResNet host).
+        **conv_path: the other options of :meth:`acmix.layers.ConvPathMixin.init_conv_path` (``mix``, ...).
 
     Shape:
         input (B, dim, H, W) -> output (B, out_dim, H, W).
@@ -173,32 +174,15 @@ class ACmixSanAttention(ConvPathMixin, SanAttention):
         share_planes: int = 8,
         kernel_size: int = 7,
         sa_type: str = "patchwise",
-        conv_kernel_size: int = 3,
         fc_bias: bool = False,
-        shift_mode: ShiftMode | str = "group",
-        shift_init: bool = True,
-        mix: MixMode | str = "learned",
-        alpha_init: float = 0.5,
-        beta_init: float = 0.5,
-        conv_impl: ConvImpl | str | None = None,
+        **conv_path: Any,
     ) -> None:
         super().__init__(dim, rel_dim, out_dim, share_planes=share_planes, kernel_size=kernel_size, sa_type=sa_type)
         if rel_dim % self.weight_dim:
             raise ValueError(f"rel_dim ({rel_dim}) must be divisible by out_dim / share_planes ({self.weight_dim})")
         self.head_dim = self.weight_dim
-        self.init_conv_path(
-            out_dim,
-            (2 * rel_dim + out_dim) // self.head_dim,  # M head maps: 2 rel / Wc + share_planes
-            self.head_dim,
-            conv_kernel_size=conv_kernel_size,
-            fc_bias=fc_bias,
-            shift_mode=shift_mode,
-            shift_init=shift_init,
-            mix=mix,
-            alpha_init=alpha_init,
-            beta_init=beta_init,
-            conv_impl=conv_impl,
-        )
+        num_maps = (2 * rel_dim + out_dim) // self.head_dim  # M head maps: 2 rel / Wc + share_planes
+        self.init_conv_path(out_dim, num_maps, self.head_dim, fc_bias=fc_bias, **conv_path)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -2,8 +2,9 @@
 
 Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022 (arXiv 2111.14556). Follows the
 official ``WindowAttention_acmix`` (LeapLabTHU/ACmix ``Swin-Transformer/models/swin_transformer_acmix.py``,
-paper.md 2.3) numerically; written anew on top of timm's :class:`~timm.models.swin_transformer.WindowAttention` and
-:class:`~timm.models.swin_transformer.SwinTransformerBlock`, whose parameters and names it keeps.
+docs/official-code.md) numerically; written anew on top of timm's
+:class:`~timm.models.swin_transformer.WindowAttention` and :class:`~timm.models.swin_transformer.SwinTransformerBlock`,
+whose parameters and names it keeps.
 
 * Stage I is Swin's ``qkv`` Linear, computed once on the whole (cyclically rolled) map.
 * Attention path: unchanged (S)W-MSA with the relative position bias and the shift mask, then ``proj``.
@@ -27,7 +28,6 @@ import torch.nn.functional as F
 from timm.models.swin_transformer import SwinTransformerBlock, WindowAttention, window_partition, window_reverse
 
 from ..ops._checks import is_symbolic
-from ..types import ConvImpl, MixMode, ShiftMode
 from .conv_path import ConvPathMixin
 
 __all__ = ["ACmixSwinBlock", "ACmixWindowAttention"]
@@ -68,10 +68,12 @@ class ACmixWindowAttention(ConvPathMixin, WindowAttention):
         head_dim: channels per head (``dim // num_heads`` by default).
         window_size: attention window.
         qkv_bias, attn_drop, proj_drop: as in timm's ``WindowAttention``.
-        conv_kernel_size, fc_bias, shift_mode, shift_init, mix, alpha_init, beta_init, conv_impl: the convolution
-            path and mix (:class:`acmix.layers.ConvPathMixin`); official Swin: FC with bias, shift init kept.
-            ``conv_impl`` ``None``/``"auto"`` runs fused (one grouped conv, 27 N C HW multiply-adds) up to N = 8
-            heads and FC + group conv (108 C HW) above (Swin's deep stages have 12 and 24 heads).
+        fc_bias: bias on the conv-path FC (official Swin: yes).
+        device, dtype: of the parameters.
+        **conv_path: the other options of :meth:`acmix.layers.ConvPathMixin.init_conv_path` (``mix``, ...);
+            official Swin: shift init kept. ``conv_impl`` ``None``/``"auto"`` runs fused (one grouped
+            conv, 27 N C HW multiply-adds) up to N = 8 heads and FC + group conv (108 C HW) above (Swin's deep
+            stages have 12 and 24 heads).
 
     Shape:
         forward: x (B, Hp, Wp, C) with Hp, Wp multiples of the window (the rolled, padded map) -> (B, H, W, C),
@@ -88,37 +90,17 @@ class ACmixWindowAttention(ConvPathMixin, WindowAttention):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         *,
-        conv_kernel_size: int = 3,
         fc_bias: bool = True,
-        shift_mode: ShiftMode | str = "group",
-        shift_init: bool = True,
-        mix: MixMode | str = "learned",
-        alpha_init: float = 0.5,
-        beta_init: float = 0.5,
-        conv_impl: ConvImpl | str | None = None,
         device: Any = None,
         dtype: Any = None,
+        **conv_path: Any,
     ) -> None:
         hd = head_dim or dim // num_heads
         if hd * num_heads != dim:
             raise ValueError(f"ACmix needs num_heads * head_dim == dim, got {num_heads} * {hd} != {dim}")
         self._acmix_ready = False
         super().__init__(dim, num_heads, head_dim, window_size, qkv_bias, attn_drop, proj_drop, device, dtype)
-        self.init_conv_path(
-            dim,
-            3 * num_heads,
-            hd,
-            conv_kernel_size=conv_kernel_size,
-            fc_bias=fc_bias,
-            shift_mode=shift_mode,
-            shift_init=shift_init,
-            mix=mix,
-            alpha_init=alpha_init,
-            beta_init=beta_init,
-            conv_impl=conv_impl,
-            device=device,
-            dtype=dtype,
-        )
+        self.init_conv_path(dim, 3 * num_heads, hd, fc_bias=fc_bias, device=device, dtype=dtype, **conv_path)
         self._acmix_ready = True
         self.reset_conv_path()
 

@@ -13,9 +13,9 @@ Three layers, each usable alone:
   adapts the classifier and first conv the way timm does, and returns a :class:`LoadReport`.
 
 timm's standard path, ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=PATH))``, reaches
-the same code: :func:`build_acmix_model` marks a user-supplied ``file``/``url`` as ``custom_load`` so that timm
-calls the model's ``load_pretrained`` (from :class:`OfficialWeightsMixin`) instead of its own ``torch.load``, which
-refuses the yacs ``CfgNode`` of the official Swin checkpoints.
+the same code: :func:`acmix.models._registry.build_acmix_model` marks a user-supplied ``file``/``url`` as
+``custom_load`` so that timm calls the model's ``load_pretrained`` (from :class:`OfficialWeightsMixin`) instead of its
+own ``torch.load``, which refuses the yacs ``CfgNode`` of the official Swin checkpoints.
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ __all__ = [
     "InertConfig",
     "LoadReport",
     "OfficialWeightsMixin",
-    "build_acmix_model",
     "extract_state_dict",
     "get_checkpoint_filter",
     "load_official_checkpoint",
@@ -336,25 +335,63 @@ def load_official_checkpoint(
         state = dict(fn(dict(state), model))
         report.renamed = len(set(state) - original)
     target = model.state_dict()
+    dropped = _drop_other_classifier(state, target, _as_tuple(pretrained_cfg.get("classifier")))
+    report.adapted += [f"classifier {key} {got} -> {want}: not loaded (new head)" for key, got, want in dropped]
+    for key, chans in _adapt_first_conv(state, target, _as_tuple(pretrained_cfg.get("first_conv"))):
+        report.adapted.append(f"first conv {key}: adapted to {chans} input channels")
+    missing, unexpected = _check_fit(source, arch, state, target, strict, excused={key for key, _, _ in dropped})
+    model.load_state_dict(state, strict=False)
+    report.loaded = sum(1 for k in state if k in target)
+    report.missing, report.unexpected = missing, unexpected
+    _logger.info("%s", report.summary())
+    return report
 
-    # classifier: drop it when the model has another number of classes (or none), like timm
-    for name in _as_tuple(pretrained_cfg.get("classifier")):
+
+def _drop_other_classifier(
+    state: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], names: tuple[str, ...]
+) -> list[tuple[str, tuple[int, ...], tuple[int, ...] | str]]:
+    """Remove classifier tensors the model has no place for (another number of classes, or no head), as timm does.
+
+    Returns one ``(key, checkpoint shape, model shape or "none")`` per removed tensor.
+    """
+    dropped: list[tuple[str, tuple[int, ...], tuple[int, ...] | str]] = []
+    for name in names:
         for key in (f"{name}.weight", f"{name}.bias"):
-            if key not in state:
-                continue
-            if key not in target or state[key].shape != target[key].shape:
+            if key in state and (key not in target or state[key].shape != target[key].shape):
                 got = tuple(state.pop(key).shape)
-                want = tuple(target[key].shape) if key in target else "none"
-                report.adapted.append(f"classifier {key} {got} -> {want}: not loaded (new head)")
-    # first conv: adapt to another number of input channels, like timm
-    for name in _as_tuple(pretrained_cfg.get("first_conv")):
+                dropped.append((key, got, tuple(target[key].shape) if key in target else "none"))
+    return dropped
+
+
+def _adapt_first_conv(
+    state: dict[str, torch.Tensor], target: Mapping[str, torch.Tensor], names: tuple[str, ...]
+) -> list[tuple[str, int]]:
+    """Adapt first-conv weights to the model's input channels (timm's ``adapt_input_conv``), in place.
+
+    Returns one ``(key, input channels)`` per adapted tensor.
+    """
+    adapted = []
+    for name in names:
         key = f"{name}.weight"
         if key in state and key in target and state[key].dim() == 4 and state[key].shape[1] != target[key].shape[1]:
             from timm.models import adapt_input_conv
 
-            state[key] = adapt_input_conv(int(target[key].shape[1]), state[key])
-            report.adapted.append(f"first conv {key}: adapted to {target[key].shape[1]} input channels")
+            chans = int(target[key].shape[1])
+            state[key] = adapt_input_conv(chans, state[key])
+            adapted.append((key, chans))
+    return adapted
 
+
+def _check_fit(
+    source: str,
+    arch: str,
+    state: Mapping[str, torch.Tensor],
+    target: Mapping[str, torch.Tensor],
+    strict: bool,
+    excused: set[str],
+) -> tuple[list[str], list[str]]:
+    """``(missing, unexpected)`` keys; raises ``ValueError`` on shape mismatches, and with ``strict`` on missing keys
+    (other than ``excused``, the classifier tensors dropped for a new head) or unexpected ones."""
     mismatched = [
         f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}"
         for k, v in state.items()
@@ -362,8 +399,7 @@ def load_official_checkpoint(
     ]
     missing = [k for k in target if k not in state]
     unexpected = [k for k in state if k not in target]
-    adapted_keys = {note.split()[1] for note in report.adapted if note.startswith("classifier")}
-    hard_missing = [k for k in missing if k not in adapted_keys]
+    hard_missing = [k for k in missing if k not in excused]
     if mismatched:
         raise ValueError(
             f"{source} does not fit {arch}: {len(mismatched)} tensors have other shapes "
@@ -379,11 +415,7 @@ def load_official_checkpoint(
             f"{source} does not match {arch}: " + "; ".join(parts) + ". Is it a checkpoint of another architecture? "
             "Pass strict=False to load what fits."
         )
-    model.load_state_dict(state, strict=False)
-    report.loaded = sum(1 for k in state if k in target)
-    report.missing, report.unexpected = missing, unexpected
-    _logger.info("%s", report.summary())
-    return report
+    return missing, unexpected
 
 
 class OfficialWeightsMixin:
@@ -396,43 +428,3 @@ class OfficialWeightsMixin:
     def load_pretrained(self, checkpoint_path: PathLike, strict: bool = True) -> LoadReport:
         assert isinstance(self, nn.Module)
         return load_official_checkpoint(self, checkpoint_path, strict=strict)
-
-
-_SOURCE_KEYS = ("file", "url")
-
-
-def build_acmix_model(
-    model_cls: Callable[..., nn.Module],
-    variant: str,
-    pretrained: bool = False,
-    **kwargs: Any,
-) -> Any:
-    """``timm.models.build_model_with_cfg`` with acmix's safe loading of ``file``/``url`` weight sources.
-
-    Args:
-        model_cls: the model class (should inherit :class:`OfficialWeightsMixin`; its filter is looked up with
-            :func:`get_checkpoint_filter`).
-        variant: registered model name (its ``default_cfgs`` entry supplies the pretrained cfg).
-        pretrained: load weights (from ``pretrained_cfg_overlay=dict(file=...)``; acmix ships no URLs).
-        **kwargs: everything ``build_model_with_cfg`` takes (``feature_cfg``, ``pretrained_cfg_overlay``...) and
-            the model's own arguments.
-    """
-    from timm.models import build_model_with_cfg
-
-    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
-    if hasattr(model_cls, "load_pretrained") and any(overlay.get(k) for k in _SOURCE_KEYS):
-        overlay.setdefault("custom_load", True)
-    pcfg = kwargs.get("pretrained_cfg")
-    if isinstance(pcfg, Mapping) and any(pcfg.get(k) for k in _SOURCE_KEYS) and hasattr(model_cls, "load_pretrained"):
-        kwargs["pretrained_cfg"] = {**pcfg, "custom_load": pcfg.get("custom_load", True)}
-    filter_fn = kwargs.pop("pretrained_filter_fn", None) or (
-        get_checkpoint_filter(model_cls) if isinstance(model_cls, type) else None
-    )
-    return build_model_with_cfg(
-        model_cls,
-        variant,
-        pretrained,
-        pretrained_cfg_overlay=overlay or None,
-        pretrained_filter_fn=filter_fn,
-        **kwargs,
-    )

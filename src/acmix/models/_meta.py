@@ -1,8 +1,8 @@
 """The paper's results table as data: one row per ACmix variant, beside its baseline.
 
-Numbers and their sources are in ``paper.md``: the ACmix rows are the official README (section 3.1), the baseline
-rows the baselines' own repositories (section 3.2), and the "released" columns the analytic counts of the released
-code (section 2.5). Multiply-adds (MACs, what the paper family calls FLOPs) are for one 224 x 224 image.
+Numbers and their sources are in ``docs/paper-numbers.md``: the ACmix rows are the official README, the baseline
+rows the baselines' own repositories, and the "released" columns the analytic counts of the released code
+(``docs/official-code.md``). Multiply-adds (MACs, what the paper family calls FLOPs) are for one 224 x 224 image.
 
 Tests check every registered model against this table (``tests/test_models.py``); ``docs/deviations.md`` explains
 every gap between the paper, the released code and this library.
@@ -26,11 +26,11 @@ class PaperRow:
         params_m: paper (README) parameters of the ACmix variant, millions.
         gmacs: paper multiply-adds at 224 x 224, G.
         top1: paper ImageNet-1K top-1 (%).
-        baseline_params_m, baseline_gmacs, baseline_top1: the same for the baseline (paper.md 3.2).
-        released_params_m: parameters the released ACmix code instantiates (paper.md 2.5); None where no code was
-            released (SAN, PVT).
-        released_gmacs: multiply-adds of the released code, attention aggregation included (paper.md 2.5).
-        baseline_released_params_m: analytic parameter count of the baseline's own code, where paper.md gives one.
+        baseline_params_m, baseline_gmacs, baseline_top1: the same for the baseline (docs/paper-numbers.md).
+        released_params_m: parameters the released ACmix code instantiates (docs/official-code.md); None where no
+            code was released (SAN, PVT).
+        released_gmacs: multiply-adds of the released code, attention aggregation included (docs/official-code.md).
+        baseline_released_params_m: analytic parameter count of the baseline's own code, where one was derived.
         weights_released: the authors published ImageNet weights for the ACmix variant.
         params_rounding_m: rounding step of the paper's parameter count (0.1 M, or 1 M where the README gives
             integers: PVT, Swin); a count within 3% plus half this step matches the paper.
@@ -60,10 +60,10 @@ class PaperRow:
 
 _SWIN_T_GAP = (
     "the released SwinTransformer_acmix instantiates 28.65 M, 1.35 M (4.5%) below the README's 30 M "
-    "(paper.md 2.5); acmix matches the released code, within 3% plus the README's 1 M rounding"
+    "(docs/official-code.md); acmix matches the released code, within 3% plus the README's 1 M rounding"
 )
 
-#: one row per ACmix variant, in the order of paper.md section 3.1
+#: one row per ACmix variant, in the order of the official README's table
 PAPER_TABLE: tuple[PaperRow, ...] = (
     PaperRow("acmix_resnet26", "resnet", "resnet26_san", 10.6, 2.3, 76.1, 13.7, 2.4, 73.6, 10.49, 2.22, 13.70),
     PaperRow("acmix_resnet38", "resnet", "resnet38_san", 14.6, 2.9, 77.4, 19.6, 3.2, 76.0, 14.41, 2.86, 19.63),

@@ -13,10 +13,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs
 
 from ..layers import ACmix
 from ..ops._checks import is_symbolic
+from ._registry import build_acmix_model, register_acmix_model
 
 __all__ = ["ACmixMicro"]
 
@@ -230,7 +231,7 @@ default_cfgs = generate_default_cfgs({"acmix_micro": _cfg()})
 
 
 def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> ACmixMicro:
-    return build_model_with_cfg(
+    return build_acmix_model(
         ACmixMicro,
         variant,
         pretrained,
@@ -240,7 +241,7 @@ def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> ACmi
     )
 
 
-@register_model
+@register_acmix_model
 def acmix_micro(pretrained: bool = False, **kwargs: Any) -> ACmixMicro:
     """ACmix-Micro for 8 x 8 digits: 32 -> 64 channels, one ACmix block per stage, ~60 k parameters."""
     model_args: dict[str, Any] = dict(embed_dims=(32, 64), depths=(1, 1), num_heads=4, attn_kernel_size=5)

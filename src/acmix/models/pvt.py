@@ -33,8 +33,8 @@ from timm.models._features import feature_take_indices
 
 from ..layers.acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention
 from ..ops._checks import is_exporting, is_fx_symbolic_tracing, is_symbolic
-from ._loading import OfficialWeightsMixin, build_acmix_model, extract_state_dict, register_checkpoint_filter
-from ._registry_check import acmix_cfg, register_acmix_model
+from ._loading import OfficialWeightsMixin, extract_state_dict, register_checkpoint_filter
+from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
 
 __all__ = ["ACMIX_PVT_STAGES", "PvtBlock", "PvtStage", "PyramidVisionTransformer", "checkpoint_filter_fn"]
 

@@ -3,7 +3,7 @@
 Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022 (arXiv 2111.14556); the ResNet variant
 follows the released ``ResNet/ResNet_ImageNet.py`` of LeapLabTHU/ACmix (written anew): torchvision v1.5 bottleneck
 (stride on the 3 x 3 position), 7 x 7/2 stem + 3 x 3/2 max-pool, widths 64/128/256/512, expansion 4, depths
-[1, 2, 4, 1] / [2, 3, 5, 2] / [3, 4, 6, 3] (paper.md 4.4); ACmix replaces the bottleneck's 3 x 3 conv by
+[1, 2, 4, 1] / [2, 3, 5, 2] / [3, 4, 6, 3] (docs/official-code.md); ACmix replaces the bottleneck's 3 x 3 conv by
 ``ACmix(width, width, stride=s)``.
 
 The class is timm's :class:`timm.models.resnet.ResNet` with a bottleneck whose spatial mixer is one argument
@@ -27,9 +27,10 @@ from timm.models import generate_default_cfgs
 from timm.models.resnet import Bottleneck as _TimmBottleneck
 from timm.models.resnet import ResNet as _TimmResNet
 
-from ..layers import ACmix, convert_official_state_dict
-from ._loading import OfficialWeightsMixin, build_acmix_model, register_checkpoint_filter
-from ._registry_check import acmix_cfg, register_acmix_model
+from ..layers import ACmix
+from ..layers.acmix import convert_official_state_dict
+from ._loading import OfficialWeightsMixin, register_checkpoint_filter
+from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
 
 __all__ = ["MIXERS", "MixerBottleneck", "ResNet", "checkpoint_filter_fn"]
 
@@ -148,7 +149,7 @@ class ResNet(OfficialWeightsMixin, _TimmResNet):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """None: the released ResNet recipe decays every parameter, alpha and beta included (paper.md 5)."""
+        """None: the released ResNet recipe decays every parameter, alpha and beta included (docs/recipes.md)."""
         return set()
 
 

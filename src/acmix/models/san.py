@@ -29,8 +29,8 @@ from timm.models._manipulate import checkpoint_seq
 
 from ..layers.acmix_san import ACmixSanAttention, SanAttention
 from ..ops._checks import is_symbolic
-from ._loading import OfficialWeightsMixin, build_acmix_model, extract_state_dict, register_checkpoint_filter
-from ._registry_check import acmix_cfg, register_acmix_model
+from ._loading import OfficialWeightsMixin, extract_state_dict, register_checkpoint_filter
+from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
 
 __all__ = ["ACMIX_SAN_STAGES", "SAN", "SanBlock", "SanStage", "checkpoint_filter_fn"]
 

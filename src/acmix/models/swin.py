@@ -1,9 +1,9 @@
 """ACmix-Swin: timm's Swin Transformer whose window attention carries the ACmix convolution path.
 
 Pan et al., "On the Integration of Self-Attention and Convolution", CVPR 2022 (arXiv 2111.14556); follows the
-released ``Swin-Transformer/models/swin_transformer_acmix.py`` of LeapLabTHU/ACmix (paper.md 2.3), written anew on
-timm's :class:`~timm.models.swin_transformer.SwinTransformer` (Liu et al., ICCV 2021). Every block's attention is
-swapped for :class:`acmix.layers.ACmixWindowAttention`; with ``attn_layer="window"`` the model is timm's Swin
+released ``Swin-Transformer/models/swin_transformer_acmix.py`` of LeapLabTHU/ACmix (docs/official-code.md), written
+anew on timm's :class:`~timm.models.swin_transformer.SwinTransformer` (Liu et al., ICCV 2021). Every block's attention
+is swapped for :class:`acmix.layers.ACmixWindowAttention`; with ``attn_layer="window"`` the model is timm's Swin
 unchanged, so the baselines are timm's own ``swin_tiny_patch4_window7_224`` / ``swin_small_patch4_window7_224``.
 
 Official ``SwinTransformer_acmix`` checkpoints (whole training states with a yacs ``CfgNode``) load through
@@ -27,8 +27,8 @@ from timm.models.swin_transformer import SwinTransformer as _TimmSwin
 from timm.models.swin_transformer import checkpoint_filter_fn as _timm_swin_filter
 
 from ..layers import ACmixSwinBlock, ACmixWindowAttention
-from ._loading import OfficialWeightsMixin, build_acmix_model, register_checkpoint_filter
-from ._registry_check import acmix_cfg, register_acmix_model
+from ._loading import OfficialWeightsMixin, register_checkpoint_filter
+from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
 
 __all__ = ["SWIN_ATTN_LAYERS", "SwinTransformer", "checkpoint_filter_fn"]
 

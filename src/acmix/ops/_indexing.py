@@ -49,7 +49,7 @@ def multiplicity(n: int, kernel_size: int, stride: int, device: torch.device | N
     """How often input position j appears in the window of output position y: (n_out, n) integer counts.
 
     Softmax over a reflection-padded window equals softmax over distinct in-bounds keys with an additive
-    ``log(multiplicity)`` bias (paper.md section 8); backends that do not materialise padded copies use this.
+    ``log(multiplicity)`` bias (docs/derived-facts.md); backends that do not materialise padded copies use this.
     """
     idx = window_indices(n, kernel_size, stride, device)
     counts = torch.zeros(idx.shape[0], n, dtype=torch.int64, device=device)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ._indexing import reflect_pad2d
+from ._window import Window, attention_backend
 
 
 def _unfold_windows(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Tensor:
@@ -23,19 +24,13 @@ def _unfold_windows(x: torch.Tensor, kernel_size: int, stride: int) -> torch.Ten
     return cols.reshape(b, n, d, kernel_size * kernel_size, ho, wo)
 
 
-def local_attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel_size: int,
-    stride: int = 1,
-    rel_pos: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
+@attention_backend
+def local_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window) -> torch.Tensor:
     """Sliding-window multi-head attention of the ACmix attention path (paper Sec. 3.2, Eq. (5)-(6)).
 
-    For the query at output position i (input position i * stride) and key position j in its k x k window
-    N_k(i) (reflection border):
+    Called as every implementation is (:mod:`acmix.ops._window`):
+    ``local_attention_reference(q, k, v, kernel_size, stride=1, rel_pos=None, scale=None)``. For the query at output
+    position i (input position i * stride) and key position j in its k x k window N_k(i) (reflection border):
 
         logit(i, j) = scale * q_i . (k_j + p_i - p_j)        # official relative position term, p = rel_pos
         A(i, j)     = softmax_j over N_k(i) of logit(i, j)     # Eq. (5)
@@ -45,8 +40,7 @@ def local_attention_reference(
         q, k, v: (B, heads, head_dim, H, W); rel_pos: broadcastable to (B, heads, head_dim, H, W) or None;
         returns (B, heads, head_dim, ceil(H / stride), ceil(W / stride)).
     """
-    d = q.shape[2]
-    scale = d**-0.5 if scale is None else scale
+    kernel_size, stride, rel_pos, scale = w
     q_s = q[..., ::stride, ::stride] * scale  # (B, N, D, Ho, Wo)
     k_win = _unfold_windows(k, kernel_size, stride)  # (B, N, D, k2, Ho, Wo)
     v_win = _unfold_windows(v, kernel_size, stride)  # (B, N, D, k2, Ho, Wo)

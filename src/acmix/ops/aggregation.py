@@ -1,6 +1,6 @@
 """SAN's patchwise aggregation: a per-position weighted sum over a k x k reflection window.
 
-Semantics of the official SAN CUDA kernel (hszhao/SAN, paper.md 4.2), which is CUDA-only upstream:
+Semantics of the official SAN CUDA kernel (hszhao/SAN; docs/official-code.md), which is CUDA-only upstream:
 
     out[b, c, y, x] = sum_{t < k*k} weight[b, c mod Wc, t, y, x] * x[b, c, reflect(y*s - k//2 + t//k),
                                                                       reflect(x*s - k//2 + t%k)]

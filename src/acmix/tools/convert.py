@@ -143,7 +143,8 @@ class ConversionReport:
 def choose_heads(channels: int, max_heads: int = 4) -> int:
     """The number of heads for ``channels`` output channels: the largest divisor of ``channels`` <= ``max_heads``.
 
-    The official operator's 4 when it divides the channels (paper.md 2.2 defaults), else 2 or 1 (for ``max_heads=4``).
+    The official operator's 4 when it divides the channels, else 2 or 1 (for ``max_heads=4``).
+    (defaults: docs/official-code.md, "The ResNet operator").
     """
     if not isinstance(max_heads, int) or isinstance(max_heads, bool) or max_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {max_heads!r}")

@@ -336,9 +336,11 @@ class DataLoaderError(RuntimeError):
 
 #: torch re-raises a worker's exception as ``Caught <Type> in DataLoader worker process <n>.\nOriginal Traceback...``
 _WORKER_CAUGHT = re.compile(r"^Caught (\w+) in DataLoader worker process (\d+)")
+#: raised in the main process (not caught in a worker) when a worker's pipe breaks
+_WORKER_PIPE_ERRORS = (ConnectionResetError, BrokenPipeError, EOFError)
 
 
-def _one_line(exc: Exception) -> Exception:
+def _one_line(exc: Exception, workers: int = 0) -> Exception:
     """The one-line form of an error raised while loading a batch (same text with 0 or N workers)."""
     text = str(exc).strip()
     if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str) and _WORKER_CAUGHT.match(exc.args[0]):
@@ -348,8 +350,10 @@ def _one_line(exc: Exception) -> Exception:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         last = lines[-1] if lines else caught.group(1)
         text = last.split(": ", 1)[1] if last.startswith(caught.group(1) + ": ") else last
-    elif "DataLoader worker" in text:  # killed (out of memory, a signal) or crashed in native code
-        first = text.splitlines()[0]
+    elif "DataLoader worker" in text or (workers > 0 and isinstance(exc, _WORKER_PIPE_ERRORS)):
+        # killed (out of memory, a signal) or crashed in native code; a worker killed while it sends a batch can
+        # surface as a reset of the pipe the main process was reading
+        first = text.splitlines()[0] if text else type(exc).__name__
         return DataLoaderError(
             f"a data-loader worker died: {first} (out of memory, killed, or a crash in native code); "
             "rerun with --workers 0 to see the error in the main process"
@@ -382,7 +386,7 @@ class _OneLineErrors:
             self._close()
             if isinstance(exc, ValueError) and "\n" not in str(exc) and not _WORKER_CAUGHT.match(str(exc)):
                 raise  # already one line (the 0-worker form)
-            raise _one_line(exc) from exc
+            raise _one_line(exc, getattr(self._it, "_num_workers", 0)) from exc
 
     def _close(self) -> None:
         """Stop the workers now, not when the traceback that holds this iterator is freed."""

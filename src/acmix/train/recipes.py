@@ -1,10 +1,10 @@
-"""Named training recipes from paper.md section 5, selectable with ``--recipe NAME``.
+"""Named training recipes from docs/recipes.md, selectable with ``--recipe NAME``.
 
 Each recipe is a mapping of :class:`~acmix.train.config.TrainConfig` fields; flags and ``--config`` YAML override
 it field by field. ``lr`` is the base lr for ``lr_base_size`` images per step; the trainer scales it linearly by
 the global batch (batch_size x grad_accum_steps x world_size), as the official scripts do.
 
-Sources (paper.md section 5): the paper's own recipe text was not found; these are the released/base-repo recipes.
+Sources (docs/recipes.md): the paper's own recipe text was not found; these are the released/base-repo recipes.
 
 - ``resnet``: ResNet-ACmix released script (LeapLabTHU/ACmix ``ResNet/main.py``): SGD momentum 0.9, wd 1e-4 on
   all parameters, lr 0.1 at batch 256 (the script's defaults), 90 epochs, cosine per iteration, 5-epoch linear

@@ -58,6 +58,66 @@ def _reflect(i, n, P, OFF):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# local attention: pieces shared by the forward and the two backward kernels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tile_of(pid, N, n_tiles, n_tiles_x, TY: tl.constexpr, TX: tl.constexpr):
+    """Program ``pid`` -> (row bn = batch * N + head, batch b, head h, first row y0, first column x0) of its tile."""
+    bn = pid // n_tiles
+    tile = pid % n_tiles
+    return bn, (bn // N).to(tl.int64), (bn % N).to(tl.int64), (tile // n_tiles_x) * TY, (tile % n_tiles_x) * TX
+
+
+@triton.jit
+def _tile_ptrs(base, offs_d, y, x, sd, sh, sw):
+    """Pointers of a (positions, BLOCK_D) tile of one (batch, head): position i at (y[i], x[i]), channels offs_d."""
+    return base + offs_d[None, :] * sd + y[:, None] * sh + x[:, None] * sw
+
+
+@triton.jit
+def _load_kv(k_base, v_base, p_base, offs_d, ky, kx, mask,
+             skd, skh, skw, svd, svh, svw, spd, sph, spw, HAS_POS: tl.constexpr):  # fmt: skip
+    """k' = k - p (the position term as a key offset, in float32 then back to k's type) and v at (ky, kx)."""
+    k = tl.load(_tile_ptrs(k_base, offs_d, ky, kx, skd, skh, skw), mask=mask, other=0.0)
+    if HAS_POS:
+        p = tl.load(_tile_ptrs(p_base, offs_d, ky, kx, spd, sph, spw), mask=mask, other=0.0)
+        k = (k.to(tl.float32) - p.to(tl.float32)).to(k.dtype)
+    v = tl.load(_tile_ptrs(v_base, offs_d, ky, kx, svd, svh, svw), mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _query_halo(ty0, tx0, HO, WO, H, W, STRIDE: tl.constexpr, PAD: tl.constexpr, TQY: tl.constexpr,
+                TQX: tl.constexpr):  # fmt: skip
+    """The queries of a TQY x TQX tile (output grid oy, ox; centres cy, cx; in range q_ok) and its key halo:
+    every real key within PAD of a centre (a reflected window never leaves it), rows from ry0, columns rx0 .. rx0 +
+    lx - 1, n_keys in all."""
+    offs_m = tl.arange(0, TQY * TQX)
+    oy = ty0 + offs_m // TQX
+    ox = tx0 + offs_m % TQX
+    q_ok = (oy < HO) & (ox < WO)
+    ry0 = tl.maximum(ty0 * STRIDE - PAD, 0)
+    ry1 = tl.minimum((tl.minimum(ty0 + TQY, HO) - 1) * STRIDE + PAD, H - 1)
+    rx0 = tl.maximum(tx0 * STRIDE - PAD, 0)
+    rx1 = tl.minimum((tl.minimum(tx0 + TQX, WO) - 1) * STRIDE + PAD, W - 1)
+    lx = rx1 - rx0 + 1
+    return oy, ox, oy * STRIDE, ox * STRIDE, q_ok, ry0, rx0, lx, (ry1 - ry0 + 1) * lx
+
+
+@triton.jit
+def _log2_mult(cy, cx, ky, kx, ok, H, W, Py, OFFy, Px, OFFx,
+               PAD: tl.constexpr, ONCE_Y: tl.constexpr, ONCE_X: tl.constexpr):  # fmt: skip
+    """log2 of the multiplicity of key (ky, kx) in the reflected window of centre (cy, cx), per (query, key) pair;
+    -inf where the key is not in the window or the pair is masked out (``ok`` False)."""
+    mult = _axis_mult(cy[:, None], ky[None, :], H, Py, OFFy, PAD, ONCE_Y) * _axis_mult(
+        cx[:, None], kx[None, :], W, Px, OFFx, PAD, ONCE_X
+    )
+    return tl.log2(tl.where(ok, mult, 0).to(tl.float32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # local attention: forward
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -81,62 +141,29 @@ def _attn_fwd(
 ):  # fmt: skip
     """One TQY x TQX tile of queries of one (batch, head): stream its key halo in BLOCK_N chunks, online softmax.
 
-    The halo is every real key within PAD of a query centre of the tile (a reflected window never leaves that
-    range); a key's multiplicity in each query's window enters the logit as log2(multiplicity) (-inf: absent).
-    Stores the output and the base-2 log-sum-exp (B*N, HO*WO).
+    A key's multiplicity in each query's window enters the logit as log2(multiplicity) (-inf: absent). Stores the
+    output and the base-2 log-sum-exp (B*N, HO*WO).
     """
-    pid = tl.program_id(0)
-    bn = pid // n_tiles
-    tile = pid % n_tiles
-    b = (bn // N).to(tl.int64)
-    h = (bn % N).to(tl.int64)
-    ty0 = (tile // n_tiles_x) * TQY
-    tx0 = (tile % n_tiles_x) * TQX
-
-    offs_m = tl.arange(0, TQY * TQX)
-    oy = ty0 + offs_m // TQX
-    ox = tx0 + offs_m % TQX
-    q_ok = (oy < HO) & (ox < WO)
-    cy = oy * STRIDE
-    cx = ox * STRIDE
+    bn, b, h, ty0, tx0 = _tile_of(tl.program_id(0), N, n_tiles, n_tiles_x, TQY, TQX)
+    oy, ox, cy, cx, q_ok, ry0, rx0, lx, n_keys = _query_halo(ty0, tx0, HO, WO, H, W, STRIDE, PAD, TQY, TQX)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
-
-    q_ptrs = Q + b * sqb + h * sqn + offs_d[None, :] * sqd + cy[:, None] * sqh + cx[:, None] * sqw
-    q = tl.load(q_ptrs, mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-
-    # halo of real keys: rows [ry0, ry1], columns [rx0, rx1]
-    ry0 = tl.maximum(ty0 * STRIDE - PAD, 0)
-    ry1 = tl.minimum((tl.minimum(ty0 + TQY, HO) - 1) * STRIDE + PAD, H - 1)
-    rx0 = tl.maximum(tx0 * STRIDE - PAD, 0)
-    rx1 = tl.minimum((tl.minimum(tx0 + TQX, WO) - 1) * STRIDE + PAD, W - 1)
-    lx = rx1 - rx0 + 1
-    n_keys = (ry1 - ry0 + 1) * lx
+    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqn, offs_d, cy, cx, sqd, sqh, sqw), mask=q_ok[:, None] & d_ok[None, :],
+                other=0.0)  # fmt: skip
 
     m_i = tl.full([TQY * TQX], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([TQY * TQX], dtype=tl.float32)
     acc = tl.zeros([TQY * TQX, BLOCK_D], dtype=tl.float32)
-    k_base = K + b * skb + h * skn
-    v_base = V + b * svb + h * svn
-    p_base = POS + b * spb + h * spn
+    k_base, v_base, p_base = K + b * skb + h * skn, V + b * svb + h * svn, POS + b * spb + h * spn
     for start in range(0, n_keys, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ok = offs_n < n_keys
         ky = ry0 + offs_n // lx
         kx = rx0 + offs_n % lx
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_d[None, :] * skd + ky[:, None] * skh + kx[:, None] * skw, mask=kv_mask, other=0.0)
-        if HAS_POS:
-            p = tl.load(p_base + offs_d[None, :] * spd + ky[:, None] * sph + kx[:, None] * spw, mask=kv_mask, other=0.0)
-            k = (k.to(tl.float32) - p.to(tl.float32)).to(Q.dtype.element_ty)
-        v = tl.load(v_base + offs_d[None, :] * svd + ky[:, None] * svh + kx[:, None] * svw, mask=kv_mask, other=0.0)
-
+        k, v = _load_kv(k_base, v_base, p_base, offs_d, ky, kx, k_ok[:, None] & d_ok[None, :],
+                        skd, skh, skw, svd, svh, svw, spd, sph, spw, HAS_POS)  # fmt: skip
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        mult = _axis_mult(cy[:, None], ky[None, :], H, Py, OFFy, PAD, ONCE_Y) * _axis_mult(
-            cx[:, None], kx[None, :], W, Px, OFFx, PAD, ONCE_X
-        )
-        mult = tl.where(k_ok[None, :], mult, 0)
-        s = s + tl.log2(mult.to(tl.float32))  # log2(0) = -inf: not in this query's window
+        s += _log2_mult(cy, cx, ky, kx, k_ok[None, :], H, W, Py, OFFy, Px, OFFx, PAD, ONCE_Y, ONCE_X)
 
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -147,7 +174,7 @@ def _attn_fwd(
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    o_ptrs = O + b * sob + h * son + offs_d[None, :] * sod + oy[:, None] * soh + ox[:, None] * sow
+    o_ptrs = _tile_ptrs(O + b * sob + h * son, offs_d, oy, ox, sod, soh, sow)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None] & d_ok[None, :])
     lse_ptrs = LSE + bn.to(tl.int64) * HO * WO + oy * WO + ox
     tl.store(lse_ptrs, m_i + tl.log2(l_safe), mask=q_ok)
@@ -181,72 +208,36 @@ def _attn_bwd_dq(
 
     Also stores delta_i = dO_i . O_i for the key-centric pass. (sg*: strides of dO, sd*: strides of dq.)
     """
-    pid = tl.program_id(0)
-    bn = pid // n_tiles
-    tile = pid % n_tiles
-    b = (bn // N).to(tl.int64)
-    h = (bn % N).to(tl.int64)
-    ty0 = (tile // n_tiles_x) * TQY
-    tx0 = (tile % n_tiles_x) * TQX
-
-    offs_m = tl.arange(0, TQY * TQX)
-    oy = ty0 + offs_m // TQX
-    ox = tx0 + offs_m % TQX
-    q_ok = (oy < HO) & (ox < WO)
-    cy = oy * STRIDE
-    cx = ox * STRIDE
+    bn, b, h, ty0, tx0 = _tile_of(tl.program_id(0), N, n_tiles, n_tiles_x, TQY, TQX)
+    oy, ox, cy, cx, q_ok, ry0, rx0, lx, n_keys = _query_halo(ty0, tx0, HO, WO, H, W, STRIDE, PAD, TQY, TQX)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     qd_mask = q_ok[:, None] & d_ok[None, :]
-
-    q = tl.load(
-        Q + b * sqb + h * sqn + offs_d[None, :] * sqd + cy[:, None] * sqh + cx[:, None] * sqw, mask=qd_mask, other=0.0
-    )
-    o = tl.load(
-        O + b * sob + h * son + offs_d[None, :] * sod + oy[:, None] * soh + ox[:, None] * sow, mask=qd_mask, other=0.0
-    )
-    do = tl.load(
-        DO + b * sgb + h * sgn + offs_d[None, :] * sgd + oy[:, None] * sgh + ox[:, None] * sgw, mask=qd_mask, other=0.0
-    )
+    q = tl.load(_tile_ptrs(Q + b * sqb + h * sqn, offs_d, cy, cx, sqd, sqh, sqw), mask=qd_mask, other=0.0)
+    o = tl.load(_tile_ptrs(O + b * sob + h * son, offs_d, oy, ox, sod, soh, sow), mask=qd_mask, other=0.0)
+    do = tl.load(_tile_ptrs(DO + b * sgb + h * sgn, offs_d, oy, ox, sgd, sgh, sgw), mask=qd_mask, other=0.0)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     row = bn.to(tl.int64) * HO * WO + oy * WO + ox
     tl.store(DELTA + row, delta, mask=q_ok)
     lse = tl.load(LSE + row, mask=q_ok, other=0.0)
 
-    ry0 = tl.maximum(ty0 * STRIDE - PAD, 0)
-    ry1 = tl.minimum((tl.minimum(ty0 + TQY, HO) - 1) * STRIDE + PAD, H - 1)
-    rx0 = tl.maximum(tx0 * STRIDE - PAD, 0)
-    rx1 = tl.minimum((tl.minimum(tx0 + TQX, WO) - 1) * STRIDE + PAD, W - 1)
-    lx = rx1 - rx0 + 1
-    n_keys = (ry1 - ry0 + 1) * lx
-
     dq = tl.zeros([TQY * TQX, BLOCK_D], dtype=tl.float32)
-    k_base = K + b * skb + h * skn
-    v_base = V + b * svb + h * svn
-    p_base = POS + b * spb + h * spn
+    k_base, v_base, p_base = K + b * skb + h * skn, V + b * svb + h * svn, POS + b * spb + h * spn
     for start in range(0, n_keys, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k_ok = offs_n < n_keys
         ky = ry0 + offs_n // lx
         kx = rx0 + offs_n % lx
-        kv_mask = k_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_d[None, :] * skd + ky[:, None] * skh + kx[:, None] * skw, mask=kv_mask, other=0.0)
-        if HAS_POS:
-            p = tl.load(p_base + offs_d[None, :] * spd + ky[:, None] * sph + kx[:, None] * spw, mask=kv_mask, other=0.0)
-            k = (k.to(tl.float32) - p.to(tl.float32)).to(Q.dtype.element_ty)
-        v = tl.load(v_base + offs_d[None, :] * svd + ky[:, None] * svh + kx[:, None] * svw, mask=kv_mask, other=0.0)
-
+        k, v = _load_kv(k_base, v_base, p_base, offs_d, ky, kx, k_ok[:, None] & d_ok[None, :],
+                        skd, skh, skw, svd, svh, svw, spd, sph, spw, HAS_POS)  # fmt: skip
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
-        mult = _axis_mult(cy[:, None], ky[None, :], H, Py, OFFy, PAD, ONCE_Y) * _axis_mult(
-            cx[:, None], kx[None, :], W, Px, OFFx, PAD, ONCE_X
-        )
-        mult = tl.where(k_ok[None, :] & q_ok[:, None], mult, 0)
-        p_ij = tl.exp2(s + tl.log2(mult.to(tl.float32)) - lse[:, None])
+        ok = k_ok[None, :] & q_ok[:, None]
+        p_ij = tl.exp2(s + _log2_mult(cy, cx, ky, kx, ok, H, W, Py, OFFy, Px, OFFx, PAD, ONCE_Y, ONCE_X) - lse[:, None])
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p_ij * (dp - delta[:, None])
         dq += _dot(ds.to(K.dtype.element_ty), k, PRECISION, UPCAST)
 
-    dq_ptrs = DQ + b * sdb + h * sdn + offs_d[None, :] * sdd + cy[:, None] * sdh + cx[:, None] * sdw
+    dq_ptrs = _tile_ptrs(DQ + b * sdb + h * sdn, offs_d, cy, cx, sdd, sdh, sdw)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
@@ -277,14 +268,7 @@ def _attn_bwd_dkdv(
     """One TKY x TKX tile of real keys: visit every query whose window can hold them (centres within PAD, the same
     bound as the forward halo), recompute the weights, accumulate dv = sum_i A_ij dO_i and dk' = scale * sum_i
     dS_ij q_i. (sg*: strides of dO; sk*2 / sv*2: strides of dk / dv.)"""
-    pid = tl.program_id(0)
-    bn = pid // n_tiles
-    tile = pid % n_tiles
-    b = (bn // N).to(tl.int64)
-    h = (bn % N).to(tl.int64)
-    ky0 = (tile // n_tiles_x) * TKY
-    kx0 = (tile % n_tiles_x) * TKX
-
+    bn, b, h, ky0, kx0 = _tile_of(tl.program_id(0), N, n_tiles, n_tiles_x, TKY, TKX)
     offs_n = tl.arange(0, TKY * TKX)
     ky = ky0 + offs_n // TKX
     kx = kx0 + offs_n % TKX
@@ -292,20 +276,8 @@ def _attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < D
     kv_mask = k_ok[:, None] & d_ok[None, :]
-
-    k = tl.load(
-        K + b * skb + h * skn + offs_d[None, :] * skd + ky[:, None] * skh + kx[:, None] * skw, mask=kv_mask, other=0.0
-    )
-    if HAS_POS:
-        p = tl.load(
-            POS + b * spb + h * spn + offs_d[None, :] * spd + ky[:, None] * sph + kx[:, None] * spw,
-            mask=kv_mask,
-            other=0.0,
-        )
-        k = (k.to(tl.float32) - p.to(tl.float32)).to(Q.dtype.element_ty)
-    v = tl.load(
-        V + b * svb + h * svn + offs_d[None, :] * svd + ky[:, None] * svh + kx[:, None] * svw, mask=kv_mask, other=0.0
-    )
+    k, v = _load_kv(K + b * skb + h * skn, V + b * svb + h * svn, POS + b * spb + h * spn, offs_d, ky, kx, kv_mask,
+                    skd, skh, skw, svd, svh, svw, spd, sph, spw, HAS_POS)  # fmt: skip
 
     # queries (output grid) whose centres lie within PAD of the tile's keys
     oy0 = (tl.maximum(ky0 - PAD, 0) + STRIDE - 1) // STRIDE
@@ -317,8 +289,6 @@ def _attn_bwd_dkdv(
 
     dk = tl.zeros([TKY * TKX, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([TKY * TKX, BLOCK_D], dtype=tl.float32)
-    q_base = Q + b * sqb + h * sqn
-    do_base = DO + b * sgb + h * sgn
     row_base = bn.to(tl.int64) * HO * WO
     for start in range(0, n_q, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
@@ -328,34 +298,24 @@ def _attn_bwd_dkdv(
         cy = oy * STRIDE
         cx = ox * STRIDE
         qd_mask = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_d[None, :] * sqd + cy[:, None] * sqh + cx[:, None] * sqw, mask=qd_mask, other=0.0)
-        do = tl.load(do_base + offs_d[None, :] * sgd + oy[:, None] * sgh + ox[:, None] * sgw, mask=qd_mask, other=0.0)
+        q = tl.load(_tile_ptrs(Q + b * sqb + h * sqn, offs_d, cy, cx, sqd, sqh, sqw), mask=qd_mask, other=0.0)
+        do = tl.load(_tile_ptrs(DO + b * sgb + h * sgn, offs_d, oy, ox, sgd, sgh, sgw), mask=qd_mask, other=0.0)
         row = row_base + oy * WO + ox
         lse = tl.load(LSE + row, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + row, mask=q_ok, other=0.0)
 
         s = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale  # (BLOCK_M, TKY*TKX)
-        mult = _axis_mult(cy[:, None], ky[None, :], H, Py, OFFy, PAD, ONCE_Y) * _axis_mult(
-            cx[:, None], kx[None, :], W, Px, OFFx, PAD, ONCE_X
-        )
-        mult = tl.where(q_ok[:, None] & k_ok[None, :], mult, 0)
-        p_ij = tl.exp2(s + tl.log2(mult.to(tl.float32)) - lse[:, None])
+        ok = q_ok[:, None] & k_ok[None, :]
+        p_ij = tl.exp2(s + _log2_mult(cy, cx, ky, kx, ok, H, W, Py, OFFy, Px, OFFx, PAD, ONCE_Y, ONCE_X) - lse[:, None])
         dv += _dot(tl.trans(p_ij.to(DO.dtype.element_ty)), do, PRECISION, UPCAST)
         dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
         ds = p_ij * (dp - delta[:, None])
         dk += _dot(tl.trans(ds.to(Q.dtype.element_ty)), q, PRECISION, UPCAST)
 
-    out_mask = kv_mask
-    tl.store(
-        DK + b * skb2 + h * skn2 + offs_d[None, :] * skd2 + ky[:, None] * skh2 + kx[:, None] * skw2,
-        (dk * scale).to(DK.dtype.element_ty),
-        mask=out_mask,
-    )
-    tl.store(
-        DV + b * svb2 + h * svn2 + offs_d[None, :] * svd2 + ky[:, None] * svh2 + kx[:, None] * svw2,
-        dv.to(DV.dtype.element_ty),
-        mask=out_mask,
-    )
+    dk_ptrs = _tile_ptrs(DK + b * skb2 + h * skn2, offs_d, ky, kx, skd2, skh2, skw2)
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    dv_ptrs = _tile_ptrs(DV + b * svb2 + h * svn2, offs_d, ky, kx, svd2, svh2, svw2)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------------

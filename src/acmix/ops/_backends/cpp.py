@@ -40,6 +40,7 @@ from pathlib import Path
 import torch
 
 from ..._env import env_extensions_dir, env_no_cpp
+from .._window import Window, attention_backend
 from .offset import compute_dtype
 from .tiled import local_attention_tiled
 
@@ -275,29 +276,18 @@ def _fwd_backward(ctx, grad_out, grad_lse):  # type: ignore[no-untyped-def]
     return dq, dk, dv, dpos, None, None, None
 
 
-def local_attention_cpp(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel_size: int,
-    stride: int = 1,
-    rel_pos: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """C++ window-only backend; same contract as :func:`acmix.ops._reference.local_attention_reference`.
+@attention_backend
+def local_attention_cpp(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window) -> torch.Tensor:
+    """C++ window-only backend (contract: :mod:`acmix.ops._window`).
 
-    Builds the extension on first use; if that fails, logs why once and computes with ``tiled`` instead.
-
-    Shape:
-        q, k, v: (B, N, D, H, W), each (D, H, W) slab with a contiguous W axis (any batch / head strides);
-        rel_pos: (D, H, W) or broadcastable 5-D; returns (B, N, D, ceil(H/s), ceil(W/s)), contiguous.
+    Builds the extension on first use; if that fails, logs why once and computes with ``tiled`` instead. Each
+    (D, H, W) slab of q, k, v needs a contiguous W axis (any batch / head strides); the output is contiguous.
     """
     if not _ensure_loaded():
-        return local_attention_tiled(q, k, v, kernel_size, stride, rel_pos, scale)
-    scale = q.shape[2] ** -0.5 if scale is None else scale
+        return local_attention_tiled(q, k, v, *w)
     cdt = compute_dtype(q.dtype)
-    pos = None if rel_pos is None else rel_pos.to(cdt)
+    pos = None if w.rel_pos is None else w.rel_pos.to(cdt)
     out, _ = torch.ops.acmix_cpp.local_attention_fwd(
-        q.to(cdt), k.to(cdt), v.to(cdt), pos, int(kernel_size), int(stride), float(scale)
+        q.to(cdt), k.to(cdt), v.to(cdt), pos, int(w.kernel_size), int(w.stride), w.scale
     )
     return out.to(q.dtype)

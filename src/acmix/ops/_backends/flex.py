@@ -2,7 +2,7 @@
 
 The map is flattened: query index ``i = y * Wo + x`` (output grid), key index ``j = r * W + c`` (input grid). A key
 belongs to the query's window when its row and its column do (``mask_mod``); a key that the reflection border
-repeats gets ``log(multiplicity)`` added to its logit (``score_mod``; paper.md section 8). Both are lookups into two
+repeats gets ``log(multiplicity)`` added to its logit (``score_mod``; docs/derived-facts.md). Both are lookups into two
 small per-axis tables, so nothing of size k^2 x map is ever built, and the block mask skips every block of the
 (Ho*Wo) x (H*W) score matrix that no window touches. Fast only when compiled (Triton, CUDA); the eager form runs on
 CPU (dense math, used by the tests).
@@ -18,6 +18,7 @@ from typing import Any, cast
 import torch
 
 from .._indexing import multiplicity
+from .._window import Window, attention_backend
 from .offset import offset_keys
 
 _logger = logging.getLogger(__name__)
@@ -77,31 +78,21 @@ def _compiled_flex() -> Callable[..., Any]:
     return torch.compile(flex_attention, dynamic=False)
 
 
+@attention_backend
 def local_attention_flex(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel_size: int,
-    stride: int = 1,
-    rel_pos: torch.Tensor | None = None,
-    scale: float | None = None,
-    *,
-    compiled: bool | None = None,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Window, *, compiled: bool | None = None
 ) -> torch.Tensor:
-    """FlexAttention backend; same contract as :func:`acmix.ops._reference.local_attention_reference`.
+    """FlexAttention backend (contract: :mod:`acmix.ops._window`).
 
     ``compiled`` defaults to True on CUDA (Triton kernels) and False elsewhere (eager dense math: for tests only).
-
-    Shape:
-        q, k, v: (B, N, D, H, W); rel_pos: (D, H, W) or broadcastable 5-D; returns (B, N, D, ceil(H/s), ceil(W/s)).
     """
     from torch.nn.attention.flex_attention import flex_attention
 
     b, n, d, h, w = q.shape
+    kernel_size, stride, scale = win.kernel_size, win.stride, win.scale
     ho, wo = -(-h // stride), -(-w // stride)
-    scale = d**-0.5 if scale is None else scale
     qf = q[..., ::stride, ::stride].flatten(3).transpose(-1, -2)  # (B, N, Ho*Wo, D)
-    kf = offset_keys(k, rel_pos).flatten(3).transpose(-1, -2)  # (B, N, H*W, D)
+    kf = offset_keys(k, win.rel_pos).flatten(3).transpose(-1, -2)  # (B, N, H*W, D)
     vf = v.flatten(3).transpose(-1, -2)
     if compiled is None:
         compiled = q.device.type == "cuda"

@@ -1,6 +1,6 @@
 """Offset-by-offset local attention: a memory-lean CPU/any-device backend with a recomputing backward.
 
-Two facts from paper.md section 8 make this simple:
+Two facts from docs/derived-facts.md make this simple:
 
 * the relative position term is a key offset: ``q_i . (k_j + p_i - p_j)`` has the same softmax over j as
   ``q_i . (k_j - p_j)``, so the op is plain local attention over ``(q, k' = k - p, v)``;
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from .._indexing import padded_indices
+from .._window import Window, attention_backend
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -29,7 +30,7 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def offset_keys(k: torch.Tensor, rel_pos: torch.Tensor | None) -> torch.Tensor:
-    """``k' = k - p``: the relative position term as a key offset (paper.md section 8). Shapes as ``k``."""
+    """``k' = k - p``: the relative position term as a key offset (docs/derived-facts.md). Shapes as ``k``."""
     if rel_pos is None:
         return k
     p = rel_pos if rel_pos.dim() == 5 else rel_pos[None, None]
@@ -147,21 +148,9 @@ class OffsetAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def local_attention_offset(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel_size: int,
-    stride: int = 1,
-    rel_pos: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Offset-loop backend; same contract as :func:`acmix.ops._reference.local_attention_reference`.
-
-    Shape:
-        q, k, v: (B, N, D, H, W); rel_pos: (D, H, W) or broadcastable 5-D; returns (B, N, D, ceil(H/s), ceil(W/s)).
-    """
-    scale = q.shape[2] ** -0.5 if scale is None else scale
-    out = OffsetAttention.apply(q, offset_keys(k, rel_pos), v, kernel_size, stride, float(scale))
+@attention_backend
+def local_attention_offset(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window) -> torch.Tensor:
+    """Offset-loop backend (contract: :mod:`acmix.ops._window`)."""
+    out = OffsetAttention.apply(q, offset_keys(k, w.rel_pos), v, w.kernel_size, w.stride, w.scale)
     assert isinstance(out, torch.Tensor)
     return out

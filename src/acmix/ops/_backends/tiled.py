@@ -3,7 +3,7 @@
 The output map is cut into T x T tiles of queries. All queries of a tile attend to one shared rectangle of real
 (in-bounds) keys, the *halo*, that covers every window of the tile. Inside the halo each query keeps exactly its own
 window through an additive bias: ``log(multiplicity)`` of the key in the query's reflection-padded window, and
-``-inf`` outside it (paper.md section 8: reflection padding is a multiplicity, not new keys). The bias is a product
+``-inf`` outside it (docs/derived-facts.md: reflection padding is a multiplicity, not new keys). The bias is a product
 of a row factor and a column factor, depends only on the map size, kernel, stride and tile, and is shared over batch
 and heads, so it is built once per shape and cached.
 
@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .._indexing import multiplicity
+from .._window import Window, attention_backend
 from .offset import offset_keys
 
 
@@ -164,28 +165,17 @@ def halo_tiles(x: torch.Tensor, plan: TilePlan, stride: int) -> torch.Tensor:
     return out
 
 
-def local_attention_tiled(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel_size: int,
-    stride: int = 1,
-    rel_pos: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Halo-tiled SDPA backend; same contract as :func:`acmix.ops._reference.local_attention_reference`.
-
-    Shape:
-        q, k, v: (B, N, D, H, W); rel_pos: (D, H, W) or broadcastable 5-D; returns (B, N, D, ceil(H/s), ceil(W/s)).
-    """
+@attention_backend
+def local_attention_tiled(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, win: Window) -> torch.Tensor:
+    """Halo-tiled SDPA backend (contract: :mod:`acmix.ops._window`)."""
     b, n, d, h, w = q.shape
-    scale = d**-0.5 if scale is None else scale
-    plan = _plan_for(q, h, w, kernel_size, stride)
+    stride = win.stride
+    plan = _plan_for(q, h, w, win.kernel_size, stride)
     py, px = plan.y, plan.x
     qt = query_tiles(q, plan, stride)  # (B*N, tiles, Ty*Tx, D)
-    kt = halo_tiles(offset_keys(k, rel_pos), plan, stride)  # (B*N, tiles, Ly*Lx, D)
+    kt = halo_tiles(offset_keys(k, win.rel_pos), plan, stride)  # (B*N, tiles, Ly*Lx, D)
     vt = halo_tiles(v, plan, stride)
-    ot = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=plan.bias.unsqueeze(0), scale=float(scale))
+    ot = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=plan.bias.unsqueeze(0), scale=win.scale)
     out = ot.reshape(b, n, py.tiles, px.tiles, py.tile, px.tile, d).permute(0, 1, 6, 2, 4, 3, 5)
     out = out.reshape(b, n, d, py.tiles * py.tile, px.tiles * px.tile)  # (B, N, D, Ho + pad, Wo + pad)
     return out[..., : py.n_out, : px.n_out]

@@ -1,7 +1,7 @@
 """Fused local attention in Triton (``backend="triton"``): one kernel forward, two kernels backward.
 
 The op is ACmix's window attention with the relative position term as a key offset (``q_i . (k_j - p_j)``; the
-``q_i . p_i`` term is the same for every key of a query and cancels in the softmax, paper.md section 8) and the
+``q_i . p_i`` term is the same for every key of a query and cancels in the softmax, docs/derived-facts.md) and the
 reflection border as an additive ``log(multiplicity)`` bias (a reflected key is a real key counted again).
 
 Forward (:func:`_triton_kernels._attn_fwd`): a program owns a tile of queries of one (batch, head) (4 x 4, or the
@@ -35,6 +35,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
+
+from .._window import Window, attention_backend
 
 #: storage dtypes the kernels accept
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -342,26 +344,15 @@ def _attention_autograd(ctx: Any, dout: torch.Tensor, dlse: torch.Tensor | None)
 _attention_op.register_autograd(_attention_autograd, setup_context=_setup_context)
 
 
-def local_attention_triton(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kernel_size: int,
-    stride: int = 1,
-    rel_pos: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Triton backend; same contract as :func:`acmix.ops._reference.local_attention_reference`.
+@attention_backend
+def local_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: Window) -> torch.Tensor:
+    """Triton backend (contract: :mod:`acmix.ops._window`).
 
     q, k, v may be any strided views (e.g. slices of one (B, 3C, H, W) projection, NCHW or channels_last); the
     output follows q's layout (channels-last-like when head_dim is q's fastest dimension, else contiguous).
-
-    Shape:
-        q, k, v: (B, N, D, H, W); rel_pos: (D, H, W) or broadcastable 5-D; returns (B, N, D, ceil(H/s), ceil(W/s)).
     """
-    scale = q.shape[2] ** -0.5 if scale is None else scale
-    pos = None if rel_pos is None else rel_pos.to(q.dtype)
-    if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
-    out, _ = _attention_op(q, k, v, pos, kernel_size, stride, float(scale))
+    pos = None if w.rel_pos is None else w.rel_pos.to(q.dtype)
+    if not math.isfinite(w.scale):
+        raise ValueError(f"scale must be finite, got {w.scale}")
+    out, _ = _attention_op(q, k, v, pos, w.kernel_size, w.stride, w.scale)
     return out

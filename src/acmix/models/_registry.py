@@ -1,0 +1,157 @@
+"""Registering and building acmix models in timm's registry without touching what timm already has.
+
+timm's ``register_model`` warns and *overwrites* on a duplicate name. :func:`register_acmix_model` refuses instead,
+so importing ``acmix`` can never replace a timm model, and it files the entry under ``acmix.<module>`` so that
+``timm.list_models(module="resnet")`` still lists only timm's ResNets.
+
+Use in a family module (``default_cfgs`` must be defined above the entrypoints, as in timm)::
+
+    default_cfgs = generate_default_cfgs({"acmix_foo": acmix_cfg(first_conv="stem.conv", classifier="fc")})
+
+    @register_acmix_model
+    def acmix_foo(pretrained: bool = False, **kwargs) -> Foo:
+        return build_acmix_model(Foo, "acmix_foo", pretrained, **dict(dict(depth=3), **kwargs))
+
+:func:`build_acmix_model` is timm's ``build_model_with_cfg`` with acmix's safe loading of user-supplied weight
+files; :func:`list_models` lists the zoo (every name registered here, and the timm baselines it is compared with).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import timm
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import _registry as _timm_registry
+from timm.models import register_model as _timm_register_model
+
+from ._loading import get_checkpoint_filter
+
+__all__ = ["ACMIX_ENTRYPOINTS", "PAPER", "acmix_cfg", "build_acmix_model", "list_models", "register_acmix_model"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: names registered by acmix (in registration order)
+ACMIX_ENTRYPOINTS: list[str] = []
+
+#: paper metadata shared by every acmix pretrained cfg
+PAPER = {
+    "paper_ids": "arXiv:2111.14556",
+    "paper_name": "On the Integration of Self-Attention and Convolution",
+    "origin_url": "https://github.com/LeapLabTHU/ACmix",
+}
+
+
+def acmix_cfg(**kwargs: Any) -> dict[str, Any]:
+    """A pretrained cfg for an acmix model: ImageNet eval defaults, paper metadata, no weight URL.
+
+    ``first_conv`` and ``classifier`` must be given; any other :class:`timm.models.PretrainedCfg` field may be.
+    The official recipes evaluate at Resize 256 -> CenterCrop 224 (crop_pct 0.875).
+    """
+    if "first_conv" not in kwargs or "classifier" not in kwargs:
+        raise ValueError("acmix_cfg needs first_conv and classifier")
+    cfg: dict[str, Any] = {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "license": "apache-2.0",
+        **PAPER,
+    }
+    cfg.update(kwargs)
+    return cfg
+
+
+def register_acmix_model(fn: F) -> F:
+    """timm's ``register_model``, refusing names timm already has and filing the entry under ``acmix.<module>``."""
+    name = fn.__name__
+    if name in _timm_registry._model_entrypoints and name not in ACMIX_ENTRYPOINTS:
+        existing = _timm_registry._model_entrypoints[name]
+        raise RuntimeError(
+            f"acmix would overwrite timm model {name!r} ({existing.__module__}); acmix models need unique names"
+        )
+    _timm_register_model(fn)
+    short = fn.__module__.split(".")[-1]
+    label = f"acmix.{short}"
+    if _timm_registry._model_to_module.get(name) == short and short != label:
+        _timm_registry._model_to_module[name] = label
+        _timm_registry._module_to_models[short].discard(name)
+        if not _timm_registry._module_to_models[short]:
+            del _timm_registry._module_to_models[short]
+        _timm_registry._module_to_models[label].add(name)
+    if name not in ACMIX_ENTRYPOINTS:
+        ACMIX_ENTRYPOINTS.append(name)
+    return fn
+
+
+def list_models(
+    filter: str | Iterable[str] = "*",
+    *,
+    exclude_filters: str | Iterable[str] = "",
+    all_timm: bool = False,
+) -> list[str]:
+    """Registered model names matching ``filter`` (shell wildcards, as :func:`timm.list_models`), sorted as timm does.
+
+    Args:
+        filter: a wildcard pattern or several; ``"*"`` (default) matches every name.
+        exclude_filters: patterns whose matches are left out.
+        all_timm: search every model timm knows instead of acmix's zoo.
+
+    Returns:
+        By default the acmix zoo: every model acmix registers (the ACmix variants, ``acmix_micro`` and the baselines
+        acmix re-implements: ``resnet26_san``, ``san10``, ``pvt_tiny``...) and the timm models the paper compares with
+        (``swin_tiny_patch4_window7_224``, ``swin_small_patch4_window7_224``, from :data:`acmix.models.PAPER_TABLE`).
+    """
+    names = timm.list_models(filter, exclude_filters=exclude_filters)
+    if all_timm:
+        return names
+    from ._meta import PAPER_TABLE
+
+    zoo = set(ACMIX_ENTRYPOINTS) | {row.baseline for row in PAPER_TABLE}
+    return [n for n in names if n in zoo]
+
+
+_SOURCE_KEYS = ("file", "url")
+
+
+def build_acmix_model(
+    model_cls: Callable[..., nn.Module],
+    variant: str,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> Any:
+    """``timm.models.build_model_with_cfg`` with acmix's safe loading of ``file``/``url`` weight sources.
+
+    Args:
+        model_cls: the model class (should inherit :class:`OfficialWeightsMixin`; its filter is looked up with
+            :func:`get_checkpoint_filter`).
+        variant: registered model name (its ``default_cfgs`` entry supplies the pretrained cfg).
+        pretrained: load weights (from ``pretrained_cfg_overlay=dict(file=...)``; acmix ships no URLs).
+        **kwargs: everything ``build_model_with_cfg`` takes (``feature_cfg``, ``pretrained_cfg_overlay``...) and
+            the model's own arguments.
+    """
+    from timm.models import build_model_with_cfg
+
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if hasattr(model_cls, "load_pretrained") and any(overlay.get(k) for k in _SOURCE_KEYS):
+        overlay.setdefault("custom_load", True)
+    pcfg = kwargs.get("pretrained_cfg")
+    if isinstance(pcfg, Mapping) and any(pcfg.get(k) for k in _SOURCE_KEYS) and hasattr(model_cls, "load_pretrained"):
+        kwargs["pretrained_cfg"] = {**pcfg, "custom_load": pcfg.get("custom_load", True)}
+    filter_fn = kwargs.pop("pretrained_filter_fn", None) or (
+        get_checkpoint_filter(model_cls) if isinstance(model_cls, type) else None
+    )
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_cfg_overlay=overlay or None,
+        pretrained_filter_fn=filter_fn,
+        **kwargs,
+    )
