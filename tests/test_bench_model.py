@@ -281,3 +281,16 @@ def test_reference_variant_forces_the_reference_ops_only_during_its_steps(monkey
     assert dict(os.environ) == before  # no environment mutation
     time_inference(model, TINY)
     assert model.seen is None
+
+
+def test_timm_peers_are_measured_beside_their_convolutional_twin():
+    import timm
+
+    from acmix.bench.model import PEER_BASELINES, baseline_of
+    from acmix.models import PAPER_TABLE
+
+    assert baseline_of("halonet26t") == "resnet26t"
+    assert baseline_of("acmix_resnet26") == next(r.baseline for r in PAPER_TABLE if r.name == "acmix_resnet26")
+    assert baseline_of("resnet26") is None
+    for peer, twin in PEER_BASELINES.items():
+        assert timm.is_model(peer) and timm.is_model(twin), (peer, twin)

@@ -33,6 +33,7 @@ def test_specs_cover_every_subject_and_runnable_backend():
         "proj1x1": "-",
         "acmix": bench_op.default_backend("cpu", "float32", 8, 2),
         "acmix-official": "reference",
+        "acmix-recompute": bench_op.default_backend("cpu", "float32", 8, 2),
     }
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "DEFAULT_MODELS",
     "MEMORY_MODES",
     "Ratio",
+    "PEER_BASELINES",
     "baseline_of",
     "compare_models",
     "compute_ratios",
@@ -55,12 +56,18 @@ _logger = logging.getLogger(__name__)
 DEFAULT_MODELS = ("acmix_resnet26", "acmix_san10", "acmix_pvt_tiny", "acmix_swin_tiny_patch4_window7_224")
 
 
+#: timm's own local-attention ResNets and their convolutional twins: the reference ratio ACmix aims for
+#: (``acmix bench model halonet26t --resolution 256``; HaloNet needs maps divisible by its block size 8)
+PEER_BASELINES = {"halonet26t": "resnet26t", "botnet26t_256": "resnet26t", "lambda_resnet26t": "resnet26t"}
+
+
 def baseline_of(name: str) -> str | None:
-    """The registered baseline of an ACmix model (from ``acmix.models.PAPER_TABLE``), or None."""
+    """The baseline of a model: its paper row's (``acmix.models.PAPER_TABLE``), a timm peer's convolutional twin
+    (:data:`PEER_BASELINES`), or None."""
     for row in PAPER_TABLE:
         if row.name == name:
             return str(row.baseline)
-    return None
+    return PEER_BASELINES.get(name)
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ fair on a shared machine:
 * ``conv3x3``: a 3 x 3 convolution C -> C (stride, padding 1, no bias), what ACmix replaces in a ResNet;
 * ``proj1x1``: the layer's own three 1 x 1 projections (``ACmix.qkv``, C -> 3C with bias: Stage I);
 * ``acmix``: the whole ACmix layer with its defaults (automatic backend, fused conv path);
-* ``acmix-official``: the whole layer in the official formulation (unfold reference, FC + permute + group conv).
+* ``acmix-official``: the whole layer in the official formulation (unfold reference, FC + permute + group conv);
+* ``acmix-recompute``: ``acmix`` with ``recompute=True`` (only the input kept for backward, the rest recomputed).
 
 Method: one step = forward, then backward of the output against a fixed random gradient (all input and parameter
 gradients), after ``warmup`` steps; ``repeats`` timed steps per subject, interleaved across subjects, device
@@ -47,7 +48,7 @@ _logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: the ResNet stages (channels, map side; docs/paper-numbers.md, Table 1): stage 1 to 4 of ACmix-ResNet-50 bottlenecks
 RESNET_SHAPES = ((64, 56), (128, 28), (256, 14), (512, 7))
-SUBJECTS = ("attention", "conv3x3", "proj1x1", "acmix", "acmix-official")
+SUBJECTS = ("attention", "conv3x3", "proj1x1", "acmix", "acmix-official", "acmix-recompute")
 __all__ = [
     "DTYPES",
     "MEMORY_MODES",
@@ -153,8 +154,14 @@ class _Case:
                 self.module = nn.Conv2d(c, c, 3, s, 1, bias=False)
             elif spec.subject == "proj1x1":
                 self.module = ACmix(c, stride=s, num_heads=spec.heads, attn_kernel_size=spec.kernel).qkv
-            elif spec.subject == "acmix":
-                self.module = ACmix(c, stride=s, num_heads=spec.heads, attn_kernel_size=spec.kernel)
+            elif spec.subject in ("acmix", "acmix-recompute"):
+                self.module = ACmix(
+                    c,
+                    stride=s,
+                    num_heads=spec.heads,
+                    attn_kernel_size=spec.kernel,
+                    recompute=spec.subject == "acmix-recompute",
+                )
             elif spec.subject == "acmix-official":
                 self.module = ACmix(
                     c,
@@ -231,7 +238,7 @@ def specs_for(
 
 
 def _layer_backend(subject: str, device: str, dtype: str, channels: int, heads: int) -> str:
-    if subject == "acmix":
+    if subject in ("acmix", "acmix-recompute"):
         return default_backend(device, dtype, channels, heads)
     if subject == "acmix-official":
         return "reference"
@@ -371,6 +378,9 @@ class ShapeSummary:
     layer_vs_proj: float | None  # whole ACmix layer time / its three 1x1 projections
     official_layer_vs_proj: float | None
     conv3x3_vs_proj: float | None
+    layer_memory_vs_official: float | None = None  # whole layer peak / the official formulation's
+    recompute_memory_vs_official: float | None = None  # the layer with recompute=True, same
+    recompute_vs_layer: float | None = None  # time of recompute=True / the plain layer
 
 
 def _find(rows: Sequence[OpRow], subject: str, backend: str | None = None) -> OpRow | None:
@@ -398,6 +408,7 @@ def summarize(rows: Sequence[OpRow]) -> list[ShapeSummary]:
         ref, fast = _find(grp, "attention", "reference"), _find(grp, "attention", default)
         proj = _find(grp, "proj1x1")
         official, conv = _find(grp, "acmix-official"), _find(grp, "conv3x3")
+        recompute = _find(grp, "acmix-recompute")
         out.append(
             ShapeSummary(
                 shape,
@@ -407,6 +418,9 @@ def summarize(rows: Sequence[OpRow]) -> list[ShapeSummary]:
                 ratio(_ms(layer), _ms(proj)),
                 ratio(_ms(official), _ms(proj)),
                 ratio(_ms(conv), _ms(proj)),
+                ratio(_mem(layer), _mem(official)),
+                ratio(_mem(recompute), _mem(official)),
+                ratio(_ms(recompute), _ms(layer)),
             )
         )
     return out
@@ -432,6 +446,9 @@ def format_summary(summaries: Sequence[ShapeSummary]) -> str:
         "layer / 1x1 proj (<= 3)",
         "official layer / 1x1 proj",
         "conv3x3 / 1x1 proj",
+        "layer / official memory (<= 0.1)",
+        "recompute / official memory",
+        "recompute / layer time",
     ]
     body = [
         [
@@ -442,6 +459,9 @@ def format_summary(summaries: Sequence[ShapeSummary]) -> str:
             fmt(s.layer_vs_proj, ".2f"),
             fmt(s.official_layer_vs_proj, ".1f"),
             fmt(s.conv3x3_vs_proj, ".2f"),
+            fmt(s.layer_memory_vs_official, ".3f"),
+            fmt(s.recompute_memory_vs_official, ".3f"),
+            fmt(s.recompute_vs_layer, ".2f"),
         ]
         for s in summaries
     ]

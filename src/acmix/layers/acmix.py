@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..ops import local_attention
 from ..ops._checks import check_odd_kernel, check_stride, is_exporting, is_symbolic
@@ -80,6 +81,10 @@ class ACmix(ConvPathMixin, nn.Module):
         conv_impl: ``"fused"`` (one grouped conv), ``"reference"`` (FC, permute, group conv), ``"auto"`` or ``None``
             (fused up to 8 heads, :func:`acmix.ops.conv_path_maps`; ``None`` also follows
             :func:`acmix.ops.use_backend`).
+        recompute: while gradients are recorded, keep only the input for backward and recompute the projection,
+            both paths and the mix during backward (``torch.utils.checkpoint``): the layer's activation memory
+            drops to its input and output, for about one more forward of time (measured in ``acmix bench op``,
+            subject ``acmix-recompute``). Off by default; settable later as ``layer.recompute = True``.
 
     Shape:
         input (B, dim, H, W) -> output (B, dim_out, ceil(H / stride), ceil(W / stride)), NCHW (channels_last ok).
@@ -110,6 +115,7 @@ class ACmix(ConvPathMixin, nn.Module):
         beta_init: float = 0.5,
         backend: str | None = None,
         conv_impl: ConvImpl | str | None = None,
+        recompute: bool = False,
     ) -> None:
         super().__init__()
         dim = _official_alias("dim", dim, "in_planes", in_planes, None)
@@ -135,6 +141,7 @@ class ACmix(ConvPathMixin, nn.Module):
         self.head_dim = dim_out // num_heads
         self.attn_kernel_size = attn_kernel_size
         self.backend = backend
+        self.recompute = bool(recompute)
 
         # Stage I: the three 1 x 1 projections, fused into one conv (parameters in the order [q | k | v]).
         self.qkv = nn.Conv2d(dim, 3 * dim_out, 1, bias=qkv_bias)
@@ -172,6 +179,7 @@ class ACmix(ConvPathMixin, nn.Module):
         return (
             f"{self.dim}, {self.dim_out}, stride={self.stride}, num_heads={self.num_heads}, "
             f"attn_kernel_size={self.attn_kernel_size}, {self.conv_path_repr()}"
+            + (", recompute=True" if self.recompute else "")
         )
 
     def rel_pos(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -235,6 +243,13 @@ class ACmix(ConvPathMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():  # eager (and compile/export) only: TorchScript and torch.fx skip the checks
             self._check_input(x)
+            if self.recompute and torch.is_grad_enabled() and not is_symbolic(x):
+                # saved for backward: x (and the parameters); everything below runs again during backward
+                return torch.utils.checkpoint.checkpoint(self._paths, x, use_reentrant=False)
+        return self._paths(x)
+
+    def _paths(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage I and II: (B, dim, H, W) -> (B, dim_out, Ho, Wo)."""
         qkv = self.project(x)  # Stage I: (B, 3C, H, W) in group order
         att = self.attention_heads(*self.split_heads(qkv)) if self.uses_attention else None
         conv = self.convolution_maps(qkv, self.stride, order="groups") if self.uses_convolution else None
