@@ -74,7 +74,8 @@ def main() -> None:
         ).stdout  # fmt: skip
         rows.append(json.loads(out.strip().splitlines()[-1]))
     for r in rows:
-        print(f"recompute={r['recompute']!s:5}  peak growth {r['peak_growth_mib']:7.0f} MiB  step {r['step_ms']:7.0f} ms")
+        mem, ms = r["peak_growth_mib"], r["step_ms"]
+        print(f"recompute={r['recompute']!s:5} peak growth {mem:6.0f} MiB, step {ms:6.0f} ms")
     off = [r for r in rows if not r["recompute"]]
     on = [r for r in rows if r["recompute"]]
     mem = min(r["peak_growth_mib"] for r in on) / min(r["peak_growth_mib"] for r in off)
