@@ -30,7 +30,7 @@ lint: $(STAMP)
 	$(BIN)/mypy src
 
 docs: $(STAMP)
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 test: lint docs
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
