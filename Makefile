@@ -2,7 +2,9 @@
 #   make demo   -> create/reuse .venv, install acmix, run the main job
 #   make test   -> create/reuse .venv, install acmix[dev], run lint + format + types + tests
 # and
-#   make bench  -> the op benchmark of the README (`acmix bench op`) at two ResNet stages, a few minutes on 2 cores;
+#   make docs   -> the documentation site (mkdocs.yml, docs/) built strictly and offline into site/; also part of
+#                  `make test`, so a broken page, link or API reference fails CI
+#   make bench  -> the op benchmark of docs/benchmarks.md (`acmix bench op`) at two ResNet stages, a few minutes on 2 cores;
 #                  rows, ratios and a plot in $(BENCH_OUT); BENCH_ARGS="..." for other settings
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.acmix-installed
 BENCH_OUT ?= bench-results
 BENCH_ARGS ?= --shapes 64x56,256x14 --strides 1 --threads 2 --repeats 3 --warmup 1
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow lint docs bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +29,10 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy src
 
-test: lint
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
+test: lint docs
 	$(BIN)/python -m pytest -q -n 2 -p no:cacheprovider
 
 bench: $(STAMP)
@@ -37,4 +42,4 @@ test-slow: $(STAMP)
 	ACMIX_RUN_SLOW=1 $(BIN)/python -m pytest -q -m slow -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) site build *.egg-info src/*.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -53,6 +53,7 @@ MAC_CONVENTION = (
     "MACs = multiply-adds (1 MAC = 1 multiply + 1 add; FLOPs ~ 2 x MACs), per image; the paper's 'FLOPs' are MACs. "
     "Bias adds, norms, activations, softmax and pooling are not counted; attention logits and aggregation are."
 )
+"""The counting convention of every figure of :mod:`acmix.analysis`, as one sentence for reports."""
 
 STAGE_I = "I"
 STAGE_II = "II"

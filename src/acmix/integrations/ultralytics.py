@@ -49,10 +49,10 @@ __all__ = ["CFG_DIR", "ACmixDetectionTrainer", "YAML_NAME", "is_registered", "mo
 
 logger = logging.getLogger(__name__)
 
-#: the module name in model YAMLs
 YAML_NAME = "ACmix"
-#: the example model YAMLs shipped with acmix
+"""The module name in model YAMLs."""
 CFG_DIR = Path(__file__).resolve().parent / "cfg"
+"""The folder of the example model YAMLs shipped with acmix."""
 _MAX_ARGS = 5  # c2, kernel_att, head, kernel_conv, stride
 
 

@@ -63,7 +63,6 @@ _SWIN_T_GAP = (
     "(docs/official-code.md); acmix matches the released code, within 3% plus the README's 1 M rounding"
 )
 
-#: one row per ACmix variant, in the order of the official README's table
 PAPER_TABLE: tuple[PaperRow, ...] = (
     PaperRow("acmix_resnet26", "resnet", "resnet26_san", 10.6, 2.3, 76.1, 13.7, 2.4, 73.6, 10.49, 2.22, 13.70),
     PaperRow("acmix_resnet38", "resnet", "resnet38_san", 14.6, 2.9, 77.4, 19.6, 3.2, 76.0, 14.41, 2.86, 19.63),
@@ -107,6 +106,7 @@ PAPER_TABLE: tuple[PaperRow, ...] = (
         params_rounding_m=1.0,
     ),
 )
+"""One :class:`PaperRow` per ACmix variant, in the order of the official README's table."""
 
 
 def paper_row(name: str) -> PaperRow:

@@ -132,9 +132,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     ),
     "digits": dict(),
 }
+"""Recipe name -> the :class:`~acmix.train.config.TrainConfig` fields it sets (sources in the module docstring)."""
 
 
 def list_recipes() -> list[str]:
+    """The names of the recipes, sorted."""
     return sorted(RECIPES)
 
 
