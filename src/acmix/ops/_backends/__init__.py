@@ -6,8 +6,10 @@
 |            | measured on a GPU)   | bias from indices, online softmax; LSE-only backward (triton_attention)   |
 | ``flex``   | CUDA (opt-in)        | FlexAttention over the flattened map: 2-D window ``mask_mod``,            |
 |            |                      | ``log(multiplicity)`` ``score_mod``                                       |
+| ``cpp``    | CPU (default there;  | C++ kernel over each query's window only, vectorised over the head dim,   |
+|            | built on first use)  | recomputing backward; falls back to ``tiled`` when it cannot build (cpp)  |
 | ``tiled``  | any device (default  | halo tiles of queries + one fused SDPA call with a log-multiplicity bias  |
-|            | on CPU and CUDA)     |                                                                           |
+|            | on CUDA)             |                                                                           |
 | ``offset`` | any device           | offset-by-offset loop, recomputing backward (leanest memory)              |
 
 SAN's patchwise aggregation has its own registry (``triton`` (opt-in), ``offset``, then the unfold ``reference``).
@@ -98,7 +100,7 @@ register_backend(
         local_attention_tiled,
         _exportable,
         priority=30,
-        description="halo tiles + fused SDPA with a log-multiplicity bias (default on CPU)",
+        description="halo tiles + fused SDPA with a log-multiplicity bias (default on CUDA; CPU without cpp)",
     )
 )
 register_backend(
