@@ -216,7 +216,7 @@ def test_onnx_dynamic_batch_and_size(tmp_path, name):
     """The ONNX file runs at two batch sizes and two other non-square sizes in onnxruntime, as PyTorch does."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from acmix.cli.convert import export_onnx
+    from acmix.cli.export import export_onnx
 
     model = built(name)
     x = small_input(model, batch=1)

@@ -12,7 +12,7 @@ import torch
 
 import acmix  # noqa: F401
 from _official_models import OfficialACmixResNet, perturb_
-from acmix.cli.convert import export_onnx
+from acmix.cli.export import export_onnx
 from acmix.cli.main import main
 from acmix.models import PAPER_TABLE
 from acmix.ops import use_backend

@@ -19,7 +19,19 @@ from ..train.data import DataLoaderError
 from ..version import __version__
 
 #: subcommand modules under ``acmix.cli``; each has ``register(subparsers) -> None``
-COMMAND_MODULES = ("info", "demo", "cost", "train", "evaluate", "predict", "inspect", "bench", "convert")
+COMMAND_MODULES = (
+    "info",
+    "demo",
+    "cost",
+    "train",
+    "evaluate",
+    "predict",
+    "inspect",
+    "bench",
+    "convert",
+    "export",
+    "models",
+)
 
 
 class UsageError(Exception):
