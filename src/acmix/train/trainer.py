@@ -769,9 +769,3 @@ def _stop_message(exc: Exception, run_dir: Path) -> str:
     fix = "free space or fix the folder" if isinstance(exc, ckpt.WriteError) else "fix the cause"
     kept = f"the last good checkpoint is {last} (epoch {st['epoch']}, update {st['updates']})"
     return f"{exc}; {kept}; {fix}, then: acmix train --resume {run_dir}"
-
-
-def config_from_state(state: dict[str, Any]) -> TrainConfig:
-    """The TrainConfig stored in a state file (unknown keys from newer versions are ignored)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in state.get("config", {}).items() if k in names})
