@@ -17,7 +17,7 @@ from timm.models import generate_default_cfgs
 
 from ..layers import ACmix
 from ..ops._checks import is_symbolic
-from ._registry import build_acmix_model, register_acmix_model
+from ._registry import acmix_entrypoint, build_acmix_model
 
 __all__ = ["ACmixMicro"]
 
@@ -241,8 +241,12 @@ def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> ACmi
     )
 
 
-@register_acmix_model
-def acmix_micro(pretrained: bool = False, **kwargs: Any) -> ACmixMicro:
-    """ACmix-Micro for 8 x 8 digits: 32 -> 64 channels, one ACmix block per stage, ~60 k parameters."""
-    model_args: dict[str, Any] = dict(embed_dims=(32, 64), depths=(1, 1), num_heads=4, attn_kernel_size=5)
-    return _create_micro("acmix_micro", pretrained=pretrained, **dict(model_args, **kwargs))
+acmix_micro = acmix_entrypoint(
+    _create_micro,
+    "acmix_micro",
+    "ACmix-Micro for 8 x 8 digits: 32 -> 64 channels, one ACmix block per stage, ~60 k parameters",
+    embed_dims=(32, 64),
+    depths=(1, 1),
+    num_heads=4,
+    attn_kernel_size=5,
+)

@@ -34,7 +34,7 @@ from timm.models._features import feature_take_indices
 from ..layers.acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention
 from ..ops._checks import is_exporting, is_fx_symbolic_tracing, is_symbolic
 from ._loading import OfficialWeightsMixin, extract_state_dict, register_checkpoint_filter
-from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
+from ._registry import acmix_cfg, acmix_entrypoint, build_acmix_model
 
 __all__ = ["ACMIX_PVT_STAGES", "PvtBlock", "PvtStage", "PyramidVisionTransformer", "checkpoint_filter_fn"]
 
@@ -526,31 +526,10 @@ default_cfgs = generate_default_cfgs(
 
 _TINY: dict[str, Any] = dict(depths=(2, 2, 2, 2))
 _SMALL: dict[str, Any] = dict(depths=(3, 4, 6, 3))
+_entry = partial(acmix_entrypoint, _create_pvt)
+_ACMIX_DOC = "ACmix-PVT-{0}: PVT-{0} with the ACmix conv path in every attention layer"
 
-
-@register_acmix_model
-def pvt_tiny(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """PVT-Tiny (whai362/PVT v1): 13.2 M parameters."""
-    model_args: dict[str, Any] = dict(_TINY, attn_layer="sra")
-    return _create_pvt("pvt_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def pvt_small(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """PVT-Small (whai362/PVT v1): 24.5 M parameters."""
-    model_args: dict[str, Any] = dict(_SMALL, attn_layer="sra")
-    return _create_pvt("pvt_small", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_pvt_tiny(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """ACmix-PVT-Tiny: PVT-Tiny with the ACmix conv path in every attention layer."""
-    model_args: dict[str, Any] = dict(_TINY, attn_layer=ACMIX_PVT_STAGES)
-    return _create_pvt("acmix_pvt_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_pvt_small(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """ACmix-PVT-Small: PVT-Small with the ACmix conv path in every attention layer."""
-    model_args: dict[str, Any] = dict(_SMALL, attn_layer=ACMIX_PVT_STAGES)
-    return _create_pvt("acmix_pvt_small", pretrained=pretrained, **dict(model_args, **kwargs))
+pvt_tiny = _entry("pvt_tiny", "PVT-Tiny (whai362/PVT v1)", **_TINY, attn_layer="sra")
+pvt_small = _entry("pvt_small", "PVT-Small (whai362/PVT v1)", **_SMALL, attn_layer="sra")
+acmix_pvt_tiny = _entry("acmix_pvt_tiny", _ACMIX_DOC.format("Tiny"), **_TINY, attn_layer=ACMIX_PVT_STAGES)
+acmix_pvt_small = _entry("acmix_pvt_small", _ACMIX_DOC.format("Small"), **_SMALL, attn_layer=ACMIX_PVT_STAGES)

@@ -18,6 +18,7 @@ Deviations:
 import logging
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from timm.models._manipulate import checkpoint_seq
 from ..layers.acmix_san import ACmixSanAttention, SanAttention
 from ..ops._checks import is_symbolic
 from ._loading import OfficialWeightsMixin, extract_state_dict, register_checkpoint_filter
-from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
+from ._registry import acmix_cfg, acmix_entrypoint, build_acmix_model
 
 __all__ = ["ACMIX_SAN_STAGES", "SAN", "SanBlock", "SanStage", "checkpoint_filter_fn"]
 
@@ -360,64 +361,16 @@ _DEPTHS = {10: (2, 1, 2, 4, 1), 15: (3, 2, 3, 5, 2), 19: (3, 3, 4, 6, 3)}
 ACMIX_SAN_STAGES = ("sam", "acmix", "acmix", "acmix", "acmix")
 
 
-@register_acmix_model
-def san10(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN10 patchwise (hszhao/SAN): 11.84 M parameters."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[10], attn_layer="sam")
-    return _create_san("san10", pretrained=pretrained, **dict(model_args, **kwargs))
+_entry = partial(acmix_entrypoint, _create_san)
+_PAIRWISE: dict[str, Any] = dict(attn_layer="sam", sa_type="pairwise")
+_ACMIX_DOC = "ACmix-SAN{0}: SAN{0} patchwise with the ACmix conv path in its 7 x 7 stages (ACMIX_SAN_STAGES)"
 
-
-@register_acmix_model
-def san15(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN15 patchwise (hszhao/SAN): 16.18 M parameters."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[15], attn_layer="sam")
-    return _create_san("san15", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def san19(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN19 patchwise (hszhao/SAN): 20.52 M parameters."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[19], attn_layer="sam")
-    return _create_san("san19", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def san10_pairwise(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN10 pairwise (hszhao/SAN)."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[10], attn_layer="sam", sa_type="pairwise")
-    return _create_san("san10_pairwise", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def san15_pairwise(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN15 pairwise (hszhao/SAN)."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[15], attn_layer="sam", sa_type="pairwise")
-    return _create_san("san15_pairwise", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def san19_pairwise(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN19 pairwise (hszhao/SAN)."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[19], attn_layer="sam", sa_type="pairwise")
-    return _create_san("san19_pairwise", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_san10(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """ACmix-SAN10: SAN10 patchwise with the ACmix conv path in every attention module."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[10], attn_layer=ACMIX_SAN_STAGES)
-    return _create_san("acmix_san10", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_san15(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """ACmix-SAN15: SAN15 patchwise with the ACmix conv path in every attention module."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[15], attn_layer=ACMIX_SAN_STAGES)
-    return _create_san("acmix_san15", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_san19(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """ACmix-SAN19: SAN19 patchwise with the ACmix conv path in every attention module."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[19], attn_layer=ACMIX_SAN_STAGES)
-    return _create_san("acmix_san19", pretrained=pretrained, **dict(model_args, **kwargs))
+san10 = _entry("san10", "SAN10 patchwise (hszhao/SAN)", layers=_DEPTHS[10], attn_layer="sam")
+san15 = _entry("san15", "SAN15 patchwise (hszhao/SAN)", layers=_DEPTHS[15], attn_layer="sam")
+san19 = _entry("san19", "SAN19 patchwise (hszhao/SAN)", layers=_DEPTHS[19], attn_layer="sam")
+san10_pairwise = _entry("san10_pairwise", "SAN10 pairwise (hszhao/SAN)", layers=_DEPTHS[10], **_PAIRWISE)
+san15_pairwise = _entry("san15_pairwise", "SAN15 pairwise (hszhao/SAN)", layers=_DEPTHS[15], **_PAIRWISE)
+san19_pairwise = _entry("san19_pairwise", "SAN19 pairwise (hszhao/SAN)", layers=_DEPTHS[19], **_PAIRWISE)
+acmix_san10 = _entry("acmix_san10", _ACMIX_DOC.format(10), layers=_DEPTHS[10], attn_layer=ACMIX_SAN_STAGES)
+acmix_san15 = _entry("acmix_san15", _ACMIX_DOC.format(15), layers=_DEPTHS[15], attn_layer=ACMIX_SAN_STAGES)
+acmix_san19 = _entry("acmix_san19", _ACMIX_DOC.format(19), layers=_DEPTHS[19], attn_layer=ACMIX_SAN_STAGES)
