@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs
 
 from ..layers import ACmix
-from ..ops._checks import is_symbolic
+from ._base import NativeModel, check_global_pool
 from ._registry import acmix_entrypoint, build_acmix_model
 
 __all__ = ["ACmixMicro"]
@@ -71,7 +71,7 @@ class MicroBlock(nn.Module):
         return self.act(y + self.shortcut(x))
 
 
-class ACmixMicro(nn.Module):
+class ACmixMicro(NativeModel):
     """Stem conv, one ACmix stage per entry of ``embed_dims`` (stride 2 from the second on), pool, linear head.
 
     Args:
@@ -107,8 +107,7 @@ class ACmixMicro(nn.Module):
             raise ValueError(f"norm_layer must be 'batchnorm' or 'groupnorm', got {norm_layer!r}")
         if len(embed_dims) != len(depths) or not embed_dims:
             raise ValueError(f"embed_dims and depths must be non-empty and equally long, got {embed_dims}, {depths}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_global_pool(global_pool, self.global_pools)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -149,12 +148,7 @@ class ACmixMicro(nn.Module):
             if isinstance(m, MicroBlock):
                 m.zero_init_last()
 
-    # ----------------------------------------------------------------- timm model surface
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """ACmix's alpha/beta mix weights are scalars; like biases and norms they get no weight decay."""
-        return {n for n, _ in self.named_parameters() if n.endswith(".alpha") or n.endswith(".beta")}
-
+    # ----------------------------------------------------------------- timm model surface (more in NativeModel)
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
@@ -162,24 +156,6 @@ class ACmixMicro(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if is_symbolic(x):
-            return
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, H / r, W / r) with r the last stage's reduction."""
@@ -200,9 +176,6 @@ class ACmixMicro(nn.Module):
             x = x.mean(dim=(2, 3))  # (B, C)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _norm(kind: str, dim: int) -> nn.Module:
