@@ -57,11 +57,12 @@ PAPER = {
 }
 
 
-def acmix_cfg(**kwargs: Any) -> dict[str, Any]:
+def acmix_cfg(*, paper: bool = True, **kwargs: Any) -> dict[str, Any]:
     """A pretrained cfg for an acmix model: ImageNet eval defaults, paper metadata, no weight URL.
 
     ``first_conv`` and ``classifier`` must be given; any other :class:`timm.models.PretrainedCfg` field may be.
-    The official recipes evaluate at Resize 256 -> CenterCrop 224 (crop_pct 0.875).
+    The official recipes evaluate at Resize 256 -> CenterCrop 224 (crop_pct 0.875). ``paper=False``: a model of
+    this project's own (``acmix_micro``), without the paper's metadata.
     """
     if "first_conv" not in kwargs or "classifier" not in kwargs:
         raise ValueError("acmix_cfg needs first_conv and classifier")
@@ -75,7 +76,7 @@ def acmix_cfg(**kwargs: Any) -> dict[str, Any]:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "license": "apache-2.0",
-        **PAPER,
+        **(PAPER if paper else {}),
     }
     cfg.update(kwargs)
     return cfg

@@ -17,7 +17,7 @@ from timm.models import generate_default_cfgs
 
 from ..layers import ACmix
 from ._base import NativeModel, check_global_pool
-from ._registry import acmix_entrypoint, build_acmix_model
+from ._registry import acmix_cfg, acmix_entrypoint, build_acmix_model
 
 __all__ = ["ACmixMicro"]
 
@@ -184,20 +184,20 @@ def _norm(kind: str, dim: int) -> nn.Module:
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (1, 8, 8),
-        "pool_size": (4, 4),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.5,),
-        "std": (0.5,),
-        "first_conv": "stem.0",
-        "classifier": "head",
-        "license": "apache-2.0",
+    # 8 x 8 grey digits, normalised to [-1, 1]; this project's demo model, not one of the paper's
+    return acmix_cfg(
+        first_conv="stem.0",
+        classifier="head",
+        num_classes=10,
+        input_size=(1, 8, 8),
+        pool_size=(4, 4),
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=(0.5,),
+        std=(0.5,),
+        paper=False,
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs({"acmix_micro": _cfg()})
