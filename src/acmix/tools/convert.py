@@ -277,18 +277,10 @@ def convert_model(
     params_before = _params(model)
     if not inplace:
         model = copy.deepcopy(model)
-    converter = _Converter(
-        includes=includes,
-        excludes=excludes,
-        stage_keys=stage_keys,
-        min_channels=min_channels,
-        num_heads=num_heads,
-        attn_kernel_size=attn_kernel_size,
-        conv_kernel_size=conv_kernel_size,
-        carry_attrs=carry_attrs,
-        acmix_kwargs=acmix_kwargs,
-        report=ConversionReport(params_before=params_before),
-    )
+    converter = _Converter(  # the fields in order, each from the argument of its name
+        includes, excludes, stage_keys, min_channels, num_heads, attn_kernel_size, conv_kernel_size, carry_attrs,
+        acmix_kwargs, ConversionReport(params_before=params_before),
+    )  # fmt: skip
     model, report = converter.run(model), converter.report
     report.params_after = _params(model)
     if input_size is not None and before is not None:
