@@ -122,6 +122,8 @@ def acmix_entrypoint(create: Callable[..., M], name: str, summary: str, **model_
     entrypoint.__name__ = entrypoint.__qualname__ = name
     entrypoint.__module__ = create.__module__
     entrypoint.__doc__ = f"{summary}{_paper_numbers(name)}."
+    if "return" in create.__annotations__:  # the family's model class, as a hand-written entrypoint would declare
+        entrypoint.__annotations__["return"] = create.__annotations__["return"]
     return register_acmix_model(entrypoint)
 
 
