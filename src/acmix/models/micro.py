@@ -25,31 +25,23 @@ __all__ = ["ACmixMicro"]
 class MicroBlock(nn.Module):
     """Residual ACmix block: ``relu(x + bn(acmix(relu(bn(conv1x1(x))))))``, optionally strided with a projection.
 
+    Args:
+        dim, dim_out: input and output channels.
+        stride: the ACmix layer's stride (the shortcut average-pools by it).
+        norm_layer: ``"batchnorm"`` or ``"groupnorm"``.
+        **acmix_kwargs: options of the :class:`acmix.ACmix` layer (``num_heads``, ``attn_kernel_size``...).
+
     Shape:
         input (B, dim, H, W) -> output (B, dim_out, ceil(H / stride), ceil(W / stride)).
     """
 
     def __init__(
-        self,
-        dim: int,
-        dim_out: int,
-        *,
-        stride: int = 1,
-        num_heads: int = 4,
-        attn_kernel_size: int = 5,
-        conv_kernel_size: int = 3,
-        norm_layer: str = "batchnorm",
+        self, dim: int, dim_out: int, *, stride: int = 1, norm_layer: str = "batchnorm", **acmix_kwargs: Any
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim_out, 1, bias=False)
         self.bn1 = _norm(norm_layer, dim_out)
-        self.mix = ACmix(
-            dim_out,
-            stride=stride,
-            num_heads=num_heads,
-            attn_kernel_size=attn_kernel_size,
-            conv_kernel_size=conv_kernel_size,
-        )
+        self.mix = ACmix(dim_out, stride=stride, **acmix_kwargs)
         self.bn2 = _norm(norm_layer, dim_out)
         self.act = nn.ReLU(inplace=True)
         self.shortcut: nn.Module
