@@ -276,19 +276,20 @@ def format_table(rows: Sequence[BenchResult]) -> str:
     return columns(head, body)
 
 
+#: the ratio columns of :func:`format_ratios`: header, Ratio field (each printed as ``1.23x``)
+_RATIO_COLUMNS = (
+    ("time/baseline", "time_vs_baseline"),
+    ("mem/baseline", "memory_vs_baseline"),
+    ("official-style/acmix time", "reference_time_vs_acmix"),
+    ("mem", "reference_memory_vs_acmix"),
+)
+
+
 def format_ratios(ratios: Sequence[Ratio]) -> str:
     """A text table of the ratios (``x`` suffix; ``-`` where a side is missing)."""
-    head = ("model", "baseline", "mode", "time/baseline", "mem/baseline", "official-style/acmix time", "mem")
+    head = ["model", "baseline", "mode", *(header for header, _ in _RATIO_COLUMNS)]
     body = [
-        (
-            q.model,
-            q.baseline or "-",
-            q.mode,
-            fmt(q.time_vs_baseline, ".2f", "x"),
-            fmt(q.memory_vs_baseline, ".2f", "x"),
-            fmt(q.reference_time_vs_acmix, ".2f", "x"),
-            fmt(q.reference_memory_vs_acmix, ".2f", "x"),
-        )
+        [q.model, q.baseline or "-", q.mode, *(fmt(getattr(q, field), ".2f", "x") for _, field in _RATIO_COLUMNS)]
         for q in ratios
     ]
     return columns(head, body)

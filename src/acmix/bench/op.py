@@ -436,33 +436,24 @@ def format_table(rows: Sequence[OpRow]) -> str:
     return columns(head, body)
 
 
+#: the ratio columns of :func:`format_summary`: header (with the issue's target), ShapeSummary field, number format
+_SUMMARY_COLUMNS = (
+    ("ref / default time (>= 10)", "speedup_vs_reference", ".1f"),
+    ("default / ref memory (<= 0.1)", "memory_vs_reference", ".3f"),
+    ("layer / 1x1 proj (<= 3)", "layer_vs_proj", ".2f"),
+    ("official layer / 1x1 proj", "official_layer_vs_proj", ".1f"),
+    ("conv3x3 / 1x1 proj", "conv3x3_vs_proj", ".2f"),
+    ("layer / official memory (<= 0.1)", "layer_memory_vs_official", ".3f"),
+    ("recompute / official memory", "recompute_memory_vs_official", ".3f"),
+    ("recompute / layer time", "recompute_vs_layer", ".2f"),
+)
+
+
 def format_summary(summaries: Sequence[ShapeSummary]) -> str:
     """Ratios per shape against the issue's targets."""
-    head = [
-        "shape",
-        "default",
-        "ref / default time (>= 10)",
-        "default / ref memory (<= 0.1)",
-        "layer / 1x1 proj (<= 3)",
-        "official layer / 1x1 proj",
-        "conv3x3 / 1x1 proj",
-        "layer / official memory (<= 0.1)",
-        "recompute / official memory",
-        "recompute / layer time",
-    ]
+    head = ["shape", "default", *(header for header, _, _ in _SUMMARY_COLUMNS)]
     body = [
-        [
-            s.shape,
-            s.default_backend,
-            fmt(s.speedup_vs_reference, ".1f"),
-            fmt(s.memory_vs_reference, ".3f"),
-            fmt(s.layer_vs_proj, ".2f"),
-            fmt(s.official_layer_vs_proj, ".1f"),
-            fmt(s.conv3x3_vs_proj, ".2f"),
-            fmt(s.layer_memory_vs_official, ".3f"),
-            fmt(s.recompute_memory_vs_official, ".3f"),
-            fmt(s.recompute_vs_layer, ".2f"),
-        ]
+        [s.shape, s.default_backend, *(fmt(getattr(s, field), spec) for _, field, spec in _SUMMARY_COLUMNS)]
         for s in summaries
     ]
     return columns(head, body)

@@ -24,17 +24,10 @@ _OP_DESCRIPTION = (
 
 def run_op(args: argparse.Namespace) -> int:
     shapes = bench_op.parse_shapes(args.shapes)
-    groups = bench_op.specs_for(
-        shapes,
-        args.strides,
-        batch=args.batch,
-        heads=args.heads,
-        kernel=args.kernel,
-        dtype=args.dtype,
-        device=args.device,
-        backends=args.backends,
-        subjects=args.subjects,
-    )
+    groups = bench_op.specs_for(  # the flags of "what to measure", then of "settings"
+        shapes, args.strides, batch=args.batch, heads=args.heads, kernel=args.kernel, backends=args.backends,
+        subjects=args.subjects, dtype=args.dtype, device=args.device,
+    )  # fmt: skip
     rows = bench_op.run(
         groups,
         warmup=args.warmup,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +23,6 @@ from .main import UsageError
 from .train import one_line_errors
 
 _logger = logging.getLogger(__name__)
-
-
-def _atomic_target(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    return Path(tmp)
 
 
 def _num_classes_in(state: dict[str, torch.Tensor], model: nn.Module) -> int | None:

@@ -19,7 +19,14 @@ from .train import one_line_errors
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..train.data import DigitsDataset, ImageFolderDataset, ShardSampler, eval_transform, make_loader
+    from ..train.data import (
+        DigitsDataset,
+        ImageFolderDataset,
+        ShardSampler,
+        data_eval_transform,
+        image_mode,
+        make_loader,
+    )
     from ..train.distributed import resolve_device
     from ..train.engine import evaluate
     from ..train.inference import load_model
@@ -48,19 +55,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         root = Path(args.data_dir)
         split_dir = root / args.split if (root / args.split).is_dir() else root
-        tf = eval_transform(
-            int(data["input_size"]),
-            data["mean"],
-            data["std"],
-            float(data.get("crop_pct", 0.875)),
-            str(data.get("interpolation", "bilinear")),
-        )
         class_to_idx = {c: i for i, c in enumerate(loaded.classes)} if loaded.state else None
         ds = ImageFolderDataset(
             split_dir,
-            tf,
+            data_eval_transform(data, default_crop_pct=0.875),
             class_to_idx=class_to_idx,
-            img_mode="L" if int(data.get("in_chans", 3)) == 1 else "RGB",
+            img_mode=image_mode(int(data.get("in_chans", 3))),
             skip_bad=args.skip_bad_images,
         )
     loader = make_loader(ds, ShardSampler(len(ds), shuffle=False), args.batch_size, workers=args.workers)

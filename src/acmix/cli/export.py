@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 
 from ..ops import use_backend
-from .convert import _atomic_target
 from .main import UsageError
 
 
@@ -80,9 +79,23 @@ def export_onnx(
         input_size = (2, *input_size[1:])
     x = torch.randn(*input_size, generator=gen)
     axes = ([0] if dynamic_batch else []) + ([2, 3] if dynamic_size else [])
+    _write_onnx(model, x, out_path, opset, axes)
+    actual, shape = _graph_input(out_path, axes, model)
+    diff, checked = None, check_shapes(tuple(input_size), dynamic_batch, dynamic_size)  # type: ignore[arg-type]
+    if check:
+        diff = _max_diff_in_onnxruntime(
+            model, out_path, [x, *(torch.randn(*s, generator=gen) for s in checked[1:])], atol
+        )
+    return {"path": str(out_path), "opset": actual, "input_shape": shape, "max_abs_diff": diff, "checked": checked}
+
+
+def _write_onnx(model: nn.Module, x: torch.Tensor, out_path: Path, opset: int, axes: list[int]) -> None:
+    """torch.onnx.export (dynamo) of ``model`` at ``x``, ``axes`` of the input dynamic, written atomically."""
+    from ..bench.report import atomic_write
+
     dynamic_shapes = {"x": {a: torch.export.Dim.AUTO for a in axes}} if axes else None
-    tmp = _atomic_target(out_path)
-    try:
+
+    def export(tmp: Path) -> None:
         with use_backend(attention="reference"), torch.no_grad():
             torch.onnx.export(
                 model,
@@ -96,9 +109,13 @@ def export_onnx(
                 external_data=False,
                 verbose=False,
             )
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(out_path, export)
+
+
+def _graph_input(out_path: Path, axes: list[int], model: nn.Module) -> tuple[int, list[Any]]:
+    """The written graph's opset and input shape (a name for each dynamic axis); ValueError where the exporter fixed
+    one of ``axes``."""
     import onnx
 
     graph = onnx.load(str(out_path), load_external_data=False)
@@ -111,22 +128,26 @@ def export_onnx(
             f"the exported graph fixed the {', '.join(fixed)} axis ({shape}): {type(model).__name__} branches on it "
             "while tracing; export without --dynamic-size or at the size you will run"
         )
-    diff, checked = None, check_shapes(tuple(input_size), dynamic_batch, dynamic_size)  # type: ignore[arg-type]
-    if check:
-        import onnxruntime as ort
+    return actual, shape
 
-        session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
-        diff = 0.0
-        for i, s in enumerate(checked):
-            xi = x if i == 0 else torch.randn(*s, generator=gen)
-            got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xi.numpy()})[0])
-            with torch.no_grad():
-                ref = model(xi)
-            d = float((got - ref).abs().max())
-            if d > atol:
-                raise ValueError(f"onnxruntime differs from PyTorch by {d:.3g} > {atol:g} at input {s} ({out_path})")
-            diff = max(diff, d)
-    return {"path": str(out_path), "opset": actual, "input_shape": shape, "max_abs_diff": diff, "checked": checked}
+
+def _max_diff_in_onnxruntime(model: nn.Module, out_path: Path, inputs: list[torch.Tensor], atol: float) -> float:
+    """Largest |onnxruntime - PyTorch| over ``inputs``; ValueError at the first input where it exceeds ``atol``."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
+    diff = 0.0
+    for xi in inputs:
+        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xi.numpy()})[0])
+        with torch.no_grad():
+            ref = model(xi)
+        d = float((got - ref).abs().max())
+        if d > atol:
+            raise ValueError(
+                f"onnxruntime differs from PyTorch by {d:.3g} > {atol:g} at input {tuple(xi.shape)} ({out_path})"
+            )
+        diff = max(diff, d)
+    return diff
 
 
 # ---------------------------------------------------------------------------------------------- command

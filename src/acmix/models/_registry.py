@@ -8,10 +8,14 @@ Use in a family module (``default_cfgs`` must be defined above the entrypoints, 
 
     default_cfgs = generate_default_cfgs({"acmix_foo": acmix_cfg(first_conv="stem.conv", classifier="fc")})
 
-    @register_acmix_model
-    def acmix_foo(pretrained: bool = False, **kwargs) -> Foo:
-        return build_acmix_model(Foo, "acmix_foo", pretrained, **dict(dict(depth=3), **kwargs))
+    def _create_foo(variant: str, pretrained: bool = False, **kwargs) -> Foo:
+        return build_acmix_model(Foo, variant, pretrained, **kwargs)
 
+    acmix_foo = acmix_entrypoint(_create_foo, "acmix_foo", "ACmix-Foo: Foo with depth 3.", depth=3)
+
+:func:`acmix_entrypoint` writes the usual three-line timm entrypoint (``def acmix_foo(pretrained=False, **kwargs)``
+merging the caller's kwargs over the variant's architecture arguments) and registers it with
+:func:`register_acmix_model`, so a family lists its variants as a table, one line each.
 :func:`build_acmix_model` is timm's ``build_model_with_cfg`` with acmix's safe loading of user-supplied weight
 files; :func:`list_models` lists the zoo (every name registered here, and the timm baselines it is compared with).
 """
@@ -29,9 +33,18 @@ from timm.models import register_model as _timm_register_model
 
 from ._loading import get_checkpoint_filter
 
-__all__ = ["ACMIX_ENTRYPOINTS", "PAPER", "acmix_cfg", "build_acmix_model", "list_models", "register_acmix_model"]
+__all__ = [
+    "ACMIX_ENTRYPOINTS",
+    "PAPER",
+    "acmix_cfg",
+    "acmix_entrypoint",
+    "build_acmix_model",
+    "list_models",
+    "register_acmix_model",
+]
 
 F = TypeVar("F", bound=Callable[..., Any])
+M = TypeVar("M", bound=nn.Module)
 
 #: names registered by acmix (in registration order)
 ACMIX_ENTRYPOINTS: list[str] = []
@@ -44,11 +57,12 @@ PAPER = {
 }
 
 
-def acmix_cfg(**kwargs: Any) -> dict[str, Any]:
+def acmix_cfg(*, paper: bool = True, **kwargs: Any) -> dict[str, Any]:
     """A pretrained cfg for an acmix model: ImageNet eval defaults, paper metadata, no weight URL.
 
     ``first_conv`` and ``classifier`` must be given; any other :class:`timm.models.PretrainedCfg` field may be.
-    The official recipes evaluate at Resize 256 -> CenterCrop 224 (crop_pct 0.875).
+    The official recipes evaluate at Resize 256 -> CenterCrop 224 (crop_pct 0.875). ``paper=False``: a model of
+    this project's own (``acmix_micro``), without the paper's metadata.
     """
     if "first_conv" not in kwargs or "classifier" not in kwargs:
         raise ValueError("acmix_cfg needs first_conv and classifier")
@@ -62,7 +76,7 @@ def acmix_cfg(**kwargs: Any) -> dict[str, Any]:
         "mean": IMAGENET_DEFAULT_MEAN,
         "std": IMAGENET_DEFAULT_STD,
         "license": "apache-2.0",
-        **PAPER,
+        **(PAPER if paper else {}),
     }
     cfg.update(kwargs)
     return cfg
@@ -88,6 +102,41 @@ def register_acmix_model(fn: F) -> F:
     if name not in ACMIX_ENTRYPOINTS:
         ACMIX_ENTRYPOINTS.append(name)
     return fn
+
+
+def acmix_entrypoint(create: Callable[..., M], name: str, summary: str, **model_args: Any) -> Callable[..., M]:
+    """Register the timm entrypoint ``name(pretrained=False, **kwargs)`` of one variant and return it.
+
+    Args:
+        create: the family's builder, ``create(variant, pretrained=..., **kwargs)``; the entrypoint is filed under
+            its module (which must define ``default_cfgs`` first, as for ``register_model``).
+        name: the registered model name.
+        summary: what the variant is; the docstring adds the paper table's numbers where it has a row for ``name``
+            (:data:`acmix.models.PAPER_TABLE`, ACmix variants and their baselines).
+        **model_args: the architecture arguments that define the variant; the caller's kwargs override them.
+    """
+
+    def entrypoint(pretrained: bool = False, **kwargs: Any) -> M:
+        return create(name, pretrained=pretrained, **dict(model_args, **kwargs))
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    entrypoint.__module__ = create.__module__
+    entrypoint.__doc__ = f"{summary}{_paper_numbers(name)}."
+    if "return" in create.__annotations__:  # the family's model class, as a hand-written entrypoint would declare
+        entrypoint.__annotations__["return"] = create.__annotations__["return"]
+    return register_acmix_model(entrypoint)
+
+
+def _paper_numbers(name: str) -> str:
+    from ._meta import PAPER_TABLE
+
+    for row in PAPER_TABLE:
+        if name == row.name:
+            return f"; paper: {row.params_m} M params, {row.gmacs} GMACs, {row.top1} % top-1"
+        if name == row.baseline:
+            b = (row.baseline_params_m, row.baseline_gmacs, row.baseline_top1)
+            return "; the paper's baseline: {} M params, {} GMACs, {} % top-1".format(*b)
+    return ""
 
 
 def list_models(

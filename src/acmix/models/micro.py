@@ -16,8 +16,8 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs
 
 from ..layers import ACmix
-from ..ops._checks import is_symbolic
-from ._registry import build_acmix_model, register_acmix_model
+from ._base import NativeModel, check_global_pool
+from ._registry import acmix_cfg, acmix_entrypoint, build_acmix_model
 
 __all__ = ["ACmixMicro"]
 
@@ -25,31 +25,23 @@ __all__ = ["ACmixMicro"]
 class MicroBlock(nn.Module):
     """Residual ACmix block: ``relu(x + bn(acmix(relu(bn(conv1x1(x))))))``, optionally strided with a projection.
 
+    Args:
+        dim, dim_out: input and output channels.
+        stride: the ACmix layer's stride (the shortcut average-pools by it).
+        norm_layer: ``"batchnorm"`` or ``"groupnorm"``.
+        **acmix_kwargs: options of the :class:`acmix.ACmix` layer (``num_heads``, ``attn_kernel_size``...).
+
     Shape:
         input (B, dim, H, W) -> output (B, dim_out, ceil(H / stride), ceil(W / stride)).
     """
 
     def __init__(
-        self,
-        dim: int,
-        dim_out: int,
-        *,
-        stride: int = 1,
-        num_heads: int = 4,
-        attn_kernel_size: int = 5,
-        conv_kernel_size: int = 3,
-        norm_layer: str = "batchnorm",
+        self, dim: int, dim_out: int, *, stride: int = 1, norm_layer: str = "batchnorm", **acmix_kwargs: Any
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(dim, dim_out, 1, bias=False)
         self.bn1 = _norm(norm_layer, dim_out)
-        self.mix = ACmix(
-            dim_out,
-            stride=stride,
-            num_heads=num_heads,
-            attn_kernel_size=attn_kernel_size,
-            conv_kernel_size=conv_kernel_size,
-        )
+        self.mix = ACmix(dim_out, stride=stride, **acmix_kwargs)
         self.bn2 = _norm(norm_layer, dim_out)
         self.act = nn.ReLU(inplace=True)
         self.shortcut: nn.Module
@@ -71,7 +63,7 @@ class MicroBlock(nn.Module):
         return self.act(y + self.shortcut(x))
 
 
-class ACmixMicro(nn.Module):
+class ACmixMicro(NativeModel):
     """Stem conv, one ACmix stage per entry of ``embed_dims`` (stride 2 from the second on), pool, linear head.
 
     Args:
@@ -107,8 +99,7 @@ class ACmixMicro(nn.Module):
             raise ValueError(f"norm_layer must be 'batchnorm' or 'groupnorm', got {norm_layer!r}")
         if len(embed_dims) != len(depths) or not embed_dims:
             raise ValueError(f"embed_dims and depths must be non-empty and equally long, got {embed_dims}, {depths}")
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+        check_global_pool(global_pool, self.global_pools)
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.global_pool = global_pool
@@ -149,12 +140,7 @@ class ACmixMicro(nn.Module):
             if isinstance(m, MicroBlock):
                 m.zero_init_last()
 
-    # ----------------------------------------------------------------- timm model surface
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """ACmix's alpha/beta mix weights are scalars; like biases and norms they get no weight decay."""
-        return {n for n, _ in self.named_parameters() if n.endswith(".alpha") or n.endswith(".beta")}
-
+    # ----------------------------------------------------------------- timm model surface (more in NativeModel)
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)")
@@ -162,24 +148,6 @@ class ACmixMicro(nn.Module):
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if is_symbolic(x):
-            return
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, H / r, W / r) with r the last stage's reduction."""
@@ -201,9 +169,6 @@ class ACmixMicro(nn.Module):
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
 
 def _norm(kind: str, dim: int) -> nn.Module:
     # groupnorm: per-sample statistics, so data-parallel training equals one process exactly (no SyncBatchNorm)
@@ -211,20 +176,20 @@ def _norm(kind: str, dim: int) -> nn.Module:
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
-    return {
-        "url": "",
-        "num_classes": 10,
-        "input_size": (1, 8, 8),
-        "pool_size": (4, 4),
-        "crop_pct": 1.0,
-        "interpolation": "bilinear",
-        "mean": (0.5,),
-        "std": (0.5,),
-        "first_conv": "stem.0",
-        "classifier": "head",
-        "license": "apache-2.0",
+    # 8 x 8 grey digits, normalised to [-1, 1]; this project's demo model, not one of the paper's
+    return acmix_cfg(
+        first_conv="stem.0",
+        classifier="head",
+        num_classes=10,
+        input_size=(1, 8, 8),
+        pool_size=(4, 4),
+        crop_pct=1.0,
+        interpolation="bilinear",
+        mean=(0.5,),
+        std=(0.5,),
+        paper=False,
         **kwargs,
-    }
+    )
 
 
 default_cfgs = generate_default_cfgs({"acmix_micro": _cfg()})
@@ -241,8 +206,12 @@ def _create_micro(variant: str, pretrained: bool = False, **kwargs: Any) -> ACmi
     )
 
 
-@register_acmix_model
-def acmix_micro(pretrained: bool = False, **kwargs: Any) -> ACmixMicro:
-    """ACmix-Micro for 8 x 8 digits: 32 -> 64 channels, one ACmix block per stage, ~60 k parameters."""
-    model_args: dict[str, Any] = dict(embed_dims=(32, 64), depths=(1, 1), num_heads=4, attn_kernel_size=5)
-    return _create_micro("acmix_micro", pretrained=pretrained, **dict(model_args, **kwargs))
+acmix_micro = acmix_entrypoint(
+    _create_micro,
+    "acmix_micro",
+    "ACmix-Micro for 8 x 8 digits: 32 -> 64 channels, one ACmix block per stage, ~60 k parameters",
+    embed_dims=(32, 64),
+    depths=(1, 1),
+    num_heads=4,
+    attn_kernel_size=5,
+)

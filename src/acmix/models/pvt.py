@@ -29,12 +29,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, trunc_normal_
 from timm.models import generate_default_cfgs
-from timm.models._features import feature_take_indices
 
 from ..layers.acmix_pvt import ACmixSpatialReductionAttention, SpatialReductionAttention
-from ..ops._checks import is_exporting, is_fx_symbolic_tracing, is_symbolic
+from ..ops._checks import is_exporting, is_fx_symbolic_tracing
+from ._base import StagedModel, build_staged_model, check_global_pool, mix_scalar_names
 from ._loading import OfficialWeightsMixin, extract_state_dict, register_checkpoint_filter
-from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
+from ._registry import acmix_cfg, acmix_entrypoint
 
 __all__ = ["ACMIX_PVT_STAGES", "PvtBlock", "PvtStage", "PyramidVisionTransformer", "checkpoint_filter_fn"]
 
@@ -215,7 +215,7 @@ def resize_pos_embed(
 torch.fx.wrap("resize_pos_embed")
 
 
-class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
+class PyramidVisionTransformer(OfficialWeightsMixin, StagedModel):
     """PVT v1 with an optional ACmix conv path in every attention layer.
 
     Args:
@@ -238,6 +238,8 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
         input (B, in_chans, H, W), H, W >= 32 -> logits (B, num_classes); forward_features gives the normalised
         tokens (B, 1 + (H // 32) * (W // 32), embed_dims[-1]), cls token first.
     """
+
+    global_pools = ("token", "avg", "")
 
     def __init__(
         self,
@@ -268,8 +270,7 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
             raise ValueError(f"attn_layer must be one of {tuple(PVT_ATTN_LAYERS)} or one per stage, got {attn_layer!r}")
         if sr_ratios[-1] != 1:
             raise ValueError(f"the last (cls-token) stage must have sr_ratio 1, got {sr_ratios[-1]}")
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
+        check_global_pool(global_pool, self.global_pools)
         img_hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes, self.in_chans, self.global_pool = num_classes, in_chans, global_pool
         self.attn_layer = stage_attn
@@ -338,7 +339,7 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
     def no_weight_decay(self) -> set[str]:
         """cls token, position embeddings and ACmix's scalar alpha/beta."""
         names = {"cls_token"} | {f"stages.{i}.pos_embed" for i in range(len(self.stages))}
-        return names | {n for n, _ in self.named_parameters() if n.endswith(".alpha") or n.endswith(".beta")}
+        return names | mix_scalar_names(self)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -357,48 +358,18 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
         for stage in self._stages():
             stage.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def min_input_side(self) -> int:
+        return self.min_size
 
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        device = self.cls_token.device
-        self.head = nn.Linear(self.num_features, num_classes, device=device) if num_classes > 0 else nn.Identity()
-
-    def _check_input(self, x: torch.Tensor) -> None:
-        if is_symbolic(x):
-            return
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        if min(x.shape[-2:]) < self.min_size:
-            raise ValueError(f"input must be at least {self.min_size} pixels a side, got {tuple(x.shape)}")
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage maps (B, embed_dims[i], H / r_i, W / r_i), r = 4, 8, 16, 32 (timm semantics).
-
-        ``norm=True`` applies the final LayerNorm to the last stage's map (the other stages have no norm).
-        """
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+    def _intermediates(
+        self, x: torch.Tensor, take_indices: list[int], stop: int, norm: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stages 0 .. stop - 1; ``norm=True`` applies the final LayerNorm to the last stage's map (the other stages
+        have no norm)."""
         self._check_input(x)
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
         last = len(self.stages) - 1
-        stages = self._stages() if not stop_early else self._stages()[: max_index + 1]
         intermediates = []
-        for i, stage in enumerate(stages):
+        for i, stage in enumerate(self._stages()[:stop]):
             x, size = stage(x, self.cls_token if i == last else None)
             if i == last:
                 if i in take_indices:
@@ -408,22 +379,16 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
                 x = stage.to_map(x, size)  # (B, C, h, w): the next patch embedding's input
                 if i in take_indices:
                     intermediates.append(x)
-        if intermediates_only:
-            return intermediates
         return x, intermediates
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if prune_norm or max_index < len(self.feature_info) - 1:
+    def _prune_head(self, truncated: bool, prune_norm: bool, prune_head: bool) -> None:
+        """The final norm belongs to the last stage: a truncated PVT loses it and its classifier."""
+        if prune_norm or truncated:
             self.norm = nn.Identity()
-        if max_index < len(self.feature_info) - 1:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
-        if prune_head or max_index < len(self.feature_info) - 1:
+        if truncated:
+            self.num_features = self.head_hidden_size = self.feature_info[len(self.stages) - 1]["num_chs"]
+        if prune_head or truncated:
             self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised stage-4 tokens (B, 1 + (H // 32) (W // 32), C), cls token first."""
@@ -449,9 +414,6 @@ class PyramidVisionTransformer(OfficialWeightsMixin, nn.Module):
             x = x[:, self.num_prefix_tokens :].mean(dim=1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -493,14 +455,10 @@ register_checkpoint_filter(PyramidVisionTransformer, checkpoint_filter_fn)
 
 
 def _create_pvt(variant: str, pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_acmix_model(
-        PyramidVisionTransformer,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
+    model: PyramidVisionTransformer = build_staged_model(
+        PyramidVisionTransformer, variant, pretrained, default_indices=(0, 1, 2, 3), **kwargs
     )
+    return model
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -526,31 +484,10 @@ default_cfgs = generate_default_cfgs(
 
 _TINY: dict[str, Any] = dict(depths=(2, 2, 2, 2))
 _SMALL: dict[str, Any] = dict(depths=(3, 4, 6, 3))
+_entry = partial(acmix_entrypoint, _create_pvt)
+_ACMIX_DOC = "ACmix-PVT-{0}: PVT-{0} with the ACmix conv path in every attention layer"
 
-
-@register_acmix_model
-def pvt_tiny(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """PVT-Tiny (whai362/PVT v1): 13.2 M parameters."""
-    model_args: dict[str, Any] = dict(_TINY, attn_layer="sra")
-    return _create_pvt("pvt_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def pvt_small(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """PVT-Small (whai362/PVT v1): 24.5 M parameters."""
-    model_args: dict[str, Any] = dict(_SMALL, attn_layer="sra")
-    return _create_pvt("pvt_small", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_pvt_tiny(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """ACmix-PVT-Tiny: PVT-Tiny with the ACmix conv path in every attention layer."""
-    model_args: dict[str, Any] = dict(_TINY, attn_layer=ACMIX_PVT_STAGES)
-    return _create_pvt("acmix_pvt_tiny", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_pvt_small(pretrained: bool = False, **kwargs: Any) -> PyramidVisionTransformer:
-    """ACmix-PVT-Small: PVT-Small with the ACmix conv path in every attention layer."""
-    model_args: dict[str, Any] = dict(_SMALL, attn_layer=ACMIX_PVT_STAGES)
-    return _create_pvt("acmix_pvt_small", pretrained=pretrained, **dict(model_args, **kwargs))
+pvt_tiny = _entry("pvt_tiny", "PVT-Tiny (whai362/PVT v1)", **_TINY, attn_layer="sra")
+pvt_small = _entry("pvt_small", "PVT-Small (whai362/PVT v1)", **_SMALL, attn_layer="sra")
+acmix_pvt_tiny = _entry("acmix_pvt_tiny", _ACMIX_DOC.format("Tiny"), **_TINY, attn_layer=ACMIX_PVT_STAGES)
+acmix_pvt_small = _entry("acmix_pvt_small", _ACMIX_DOC.format("Small"), **_SMALL, attn_layer=ACMIX_PVT_STAGES)

@@ -19,6 +19,7 @@ Kaiming init is applied per projection of the fused q/k/v conv, reproducing the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ from timm.models.resnet import ResNet as _TimmResNet
 from ..layers import ACmix
 from ..layers.acmix import convert_official_state_dict
 from ._loading import OfficialWeightsMixin, register_checkpoint_filter
-from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
+from ._registry import acmix_cfg, acmix_entrypoint, build_acmix_model
 
 __all__ = ["MIXERS", "MixerBottleneck", "ResNet", "checkpoint_filter_fn"]
 
@@ -194,37 +195,11 @@ default_cfgs = generate_default_cfgs(
 _DEPTHS = {26: (1, 2, 4, 1), 38: (2, 3, 5, 2), 50: (3, 4, 6, 3)}
 
 
-@register_acmix_model
-def acmix_resnet26(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ACmix-ResNet-26 (depths [1, 2, 4, 1]); paper: 10.6 M params, 2.3 GMACs, 76.1 % top-1."""
-    return _create("acmix_resnet26", pretrained, **dict(dict(layers=_DEPTHS[26], attn_layer="acmix"), **kwargs))
+_entry = partial(acmix_entrypoint, _create)
 
-
-@register_acmix_model
-def acmix_resnet38(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ACmix-ResNet-38 (depths [2, 3, 5, 2]); paper: 14.6 M params, 2.9 GMACs, 77.4 % top-1."""
-    return _create("acmix_resnet38", pretrained, **dict(dict(layers=_DEPTHS[38], attn_layer="acmix"), **kwargs))
-
-
-@register_acmix_model
-def acmix_resnet50(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ACmix-ResNet-50 (depths [3, 4, 6, 3]); paper: 18.6 M params, 3.6 GMACs, 77.8 % top-1."""
-    return _create("acmix_resnet50", pretrained, **dict(dict(layers=_DEPTHS[50], attn_layer="acmix"), **kwargs))
-
-
-@register_acmix_model
-def resnet26_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ResNet-26 baseline (depths [1, 2, 4, 1], 3 x 3 conv); SAN README: 13.7 M, 2.4 GMACs, 73.6 % top-1."""
-    return _create("resnet26_san", pretrained, **dict(dict(layers=_DEPTHS[26], attn_layer="conv"), **kwargs))
-
-
-@register_acmix_model
-def resnet38_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ResNet-38 baseline (depths [2, 3, 5, 2], 3 x 3 conv); SAN README: 19.6 M, 3.2 GMACs, 76.0 % top-1."""
-    return _create("resnet38_san", pretrained, **dict(dict(layers=_DEPTHS[38], attn_layer="conv"), **kwargs))
-
-
-@register_acmix_model
-def resnet50_san(pretrained: bool = False, **kwargs: Any) -> ResNet:
-    """ResNet-50 baseline (depths [3, 4, 6, 3], 3 x 3 conv), timm's resnet50 architecture; 25.6 M, 4.1 GMACs."""
-    return _create("resnet50_san", pretrained, **dict(dict(layers=_DEPTHS[50], attn_layer="conv"), **kwargs))
+acmix_resnet26 = _entry("acmix_resnet26", "ACmix-ResNet-26 (depths 1, 2, 4, 1)", layers=_DEPTHS[26], attn_layer="acmix")
+acmix_resnet38 = _entry("acmix_resnet38", "ACmix-ResNet-38 (depths 2, 3, 5, 2)", layers=_DEPTHS[38], attn_layer="acmix")
+acmix_resnet50 = _entry("acmix_resnet50", "ACmix-ResNet-50 (depths 3, 4, 6, 3)", layers=_DEPTHS[50], attn_layer="acmix")
+resnet26_san = _entry("resnet26_san", "ResNet-26 (depths 1, 2, 4, 1)", layers=_DEPTHS[26], attn_layer="conv")
+resnet38_san = _entry("resnet38_san", "ResNet-38 (depths 2, 3, 5, 2)", layers=_DEPTHS[38], attn_layer="conv")
+resnet50_san = _entry("resnet50_san", "ResNet-50 (timm's resnet50 architecture)", layers=_DEPTHS[50], attn_layer="conv")

@@ -18,19 +18,19 @@ Deviations:
 import logging
 import re
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
 from timm.layers import ClassifierHead, DropPath
 from timm.models import generate_default_cfgs
-from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 
 from ..layers.acmix_san import ACmixSanAttention, SanAttention
-from ..ops._checks import is_symbolic
+from ._base import StagedModel, build_staged_model
 from ._loading import OfficialWeightsMixin, extract_state_dict, register_checkpoint_filter
-from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
+from ._registry import acmix_cfg, acmix_entrypoint
 
 __all__ = ["ACMIX_SAN_STAGES", "SAN", "SanBlock", "SanStage", "checkpoint_filter_fn"]
 
@@ -120,7 +120,7 @@ class SanStage(nn.Module):
         return self.act(self.norm(x))
 
 
-class SAN(OfficialWeightsMixin, nn.Module):
+class SAN(OfficialWeightsMixin, StagedModel):
     """Self-attention network (SAN) with an optional ACmix conv path in every attention module.
 
     Args:
@@ -200,14 +200,9 @@ class SAN(OfficialWeightsMixin, nn.Module):
             dim, cur = width, cur + depth
         self.stages = nn.Sequential(*stages)
         self.num_features = self.head_hidden_size = dim
-        self.head = ClassifierHead(dim, num_classes, pool_type=global_pool, drop_rate=drop_rate)
+        self.head: ClassifierHead = ClassifierHead(dim, num_classes, pool_type=global_pool, drop_rate=drop_rate)
 
-    # ----------------------------------------------------------------- timm model surface
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set[str]:
-        """SAN trains with weight decay on everything; ACmix's scalar alpha/beta are exempt (as in Swin-ACmix)."""
-        return {n for n, _ in self.named_parameters() if n.endswith(".alpha") or n.endswith(".beta")}
-
+    # ----------------------------------------------------------------- timm model surface (more in StagedModel)
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         fine = [
@@ -231,41 +226,28 @@ class SAN(OfficialWeightsMixin, nn.Module):
         self.num_classes = num_classes
         self.head.reset(num_classes, global_pool)
 
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Stage outputs (B, widths[i], H / 2^(i+1), W / 2^(i+1)) for the stages in ``indices`` (timm semantics)."""
-        if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+    def min_input_side(self) -> int:
+        return 2 ** len(self.stages)  # one 2 x 2 max pool a stage
+
+    def _intermediates(
+        self, x: torch.Tensor, take_indices: list[int], stop: int, norm: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stem, then stages 0 .. stop - 1 (``norm``: nothing to add, every stage ends in its own BN)."""
         x = self.stem(x)
-        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: max_index + 1]
         intermediates = []
-        for i, stage in enumerate(stages):
+        for i, stage in enumerate(self.stages[:stop]):
             x = stage(x)
             if i in take_indices:
                 intermediates.append(x)
-        if intermediates_only:
-            return intermediates
         return x, intermediates
 
-    def prune_intermediate_layers(
-        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
-    ) -> list[int]:
-        take_indices, max_index = feature_take_indices(len(self.stages), indices)
-        self.stages = self.stages[: max_index + 1]
-        if max_index < len(self.feature_info) - 1:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+    def _prune_head(self, truncated: bool, prune_norm: bool, prune_head: bool) -> None:
+        """A truncated SAN keeps a pooling head without classifier on the new width (it has no final norm to prune)."""
+        if truncated:
+            self.num_features = self.head_hidden_size = self.feature_info[len(self.stages) - 1]["num_chs"]
             self.head.reset(0, in_features=self.num_features)
         elif prune_head:
             self.reset_classifier(0, "")
-        return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> (B, num_features, H / 32, W / 32)."""
@@ -273,20 +255,9 @@ class SAN(OfficialWeightsMixin, nn.Module):
             self._check_input(x)
         return self.stages(self.stem(x))
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if is_symbolic(x):
-            return
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"expected input (B, {self.in_chans}, H, W), got shape {tuple(x.shape)}")
-        if min(x.shape[-2:]) < 2 ** len(self.stages):
-            raise ValueError(f"input must be at least {2 ** len(self.stages)} pixels a side, got {tuple(x.shape)}")
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, C, h, w) -> (B, num_classes) logits, or the pooled (B, C) features with ``pre_logits``."""
         return self.head(x, pre_logits=pre_logits)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, Any]:
@@ -323,14 +294,8 @@ register_checkpoint_filter(SAN, checkpoint_filter_fn)
 
 
 def _create_san(variant: str, pretrained: bool = False, **kwargs: Any) -> SAN:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3, 4))
-    return build_acmix_model(
-        SAN,
-        variant,
-        pretrained,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs,
-    )
+    model: SAN = build_staged_model(SAN, variant, pretrained, default_indices=(0, 1, 2, 3, 4), **kwargs)
+    return model
 
 
 def _cfg(**kwargs: Any) -> dict[str, Any]:
@@ -360,64 +325,16 @@ _DEPTHS = {10: (2, 1, 2, 4, 1), 15: (3, 2, 3, 5, 2), 19: (3, 3, 4, 6, 3)}
 ACMIX_SAN_STAGES = ("sam", "acmix", "acmix", "acmix", "acmix")
 
 
-@register_acmix_model
-def san10(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN10 patchwise (hszhao/SAN): 11.84 M parameters."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[10], attn_layer="sam")
-    return _create_san("san10", pretrained=pretrained, **dict(model_args, **kwargs))
+_entry = partial(acmix_entrypoint, _create_san)
+_PAIRWISE: dict[str, Any] = dict(attn_layer="sam", sa_type="pairwise")
+_ACMIX_DOC = "ACmix-SAN{0}: SAN{0} patchwise with the ACmix conv path in its 7 x 7 stages (ACMIX_SAN_STAGES)"
 
-
-@register_acmix_model
-def san15(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN15 patchwise (hszhao/SAN): 16.18 M parameters."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[15], attn_layer="sam")
-    return _create_san("san15", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def san19(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN19 patchwise (hszhao/SAN): 20.52 M parameters."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[19], attn_layer="sam")
-    return _create_san("san19", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def san10_pairwise(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN10 pairwise (hszhao/SAN)."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[10], attn_layer="sam", sa_type="pairwise")
-    return _create_san("san10_pairwise", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def san15_pairwise(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN15 pairwise (hszhao/SAN)."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[15], attn_layer="sam", sa_type="pairwise")
-    return _create_san("san15_pairwise", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def san19_pairwise(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """SAN19 pairwise (hszhao/SAN)."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[19], attn_layer="sam", sa_type="pairwise")
-    return _create_san("san19_pairwise", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_san10(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """ACmix-SAN10: SAN10 patchwise with the ACmix conv path in every attention module."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[10], attn_layer=ACMIX_SAN_STAGES)
-    return _create_san("acmix_san10", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_san15(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """ACmix-SAN15: SAN15 patchwise with the ACmix conv path in every attention module."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[15], attn_layer=ACMIX_SAN_STAGES)
-    return _create_san("acmix_san15", pretrained=pretrained, **dict(model_args, **kwargs))
-
-
-@register_acmix_model
-def acmix_san19(pretrained: bool = False, **kwargs: Any) -> SAN:
-    """ACmix-SAN19: SAN19 patchwise with the ACmix conv path in every attention module."""
-    model_args: dict[str, Any] = dict(layers=_DEPTHS[19], attn_layer=ACMIX_SAN_STAGES)
-    return _create_san("acmix_san19", pretrained=pretrained, **dict(model_args, **kwargs))
+san10 = _entry("san10", "SAN10 patchwise (hszhao/SAN)", layers=_DEPTHS[10], attn_layer="sam")
+san15 = _entry("san15", "SAN15 patchwise (hszhao/SAN)", layers=_DEPTHS[15], attn_layer="sam")
+san19 = _entry("san19", "SAN19 patchwise (hszhao/SAN)", layers=_DEPTHS[19], attn_layer="sam")
+san10_pairwise = _entry("san10_pairwise", "SAN10 pairwise (hszhao/SAN)", layers=_DEPTHS[10], **_PAIRWISE)
+san15_pairwise = _entry("san15_pairwise", "SAN15 pairwise (hszhao/SAN)", layers=_DEPTHS[15], **_PAIRWISE)
+san19_pairwise = _entry("san19_pairwise", "SAN19 pairwise (hszhao/SAN)", layers=_DEPTHS[19], **_PAIRWISE)
+acmix_san10 = _entry("acmix_san10", _ACMIX_DOC.format(10), layers=_DEPTHS[10], attn_layer=ACMIX_SAN_STAGES)
+acmix_san15 = _entry("acmix_san15", _ACMIX_DOC.format(15), layers=_DEPTHS[15], attn_layer=ACMIX_SAN_STAGES)
+acmix_san19 = _entry("acmix_san19", _ACMIX_DOC.format(19), layers=_DEPTHS[19], attn_layer=ACMIX_SAN_STAGES)

@@ -18,6 +18,7 @@ Deviations (docs/deviations.md): any input size timm allows (the official code f
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ from timm.models.swin_transformer import checkpoint_filter_fn as _timm_swin_filt
 
 from ..layers import ACmixSwinBlock, ACmixWindowAttention
 from ._loading import OfficialWeightsMixin, register_checkpoint_filter
-from ._registry import acmix_cfg, build_acmix_model, register_acmix_model
+from ._registry import acmix_cfg, acmix_entrypoint, build_acmix_model
 
 __all__ = ["SWIN_ATTN_LAYERS", "SwinTransformer", "checkpoint_filter_fn"]
 
@@ -141,15 +142,12 @@ default_cfgs = generate_default_cfgs(
 )
 
 
-@register_acmix_model
-def acmix_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
-    """ACmix-Swin-T: Swin-T (96, [2, 2, 6, 2], heads [3, 6, 12, 24]) + ACmix; paper 30 M, 4.6 GMACs, 81.9 %."""
-    args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
-    return _create("acmix_swin_tiny_patch4_window7_224", pretrained, **dict(args, **kwargs))
+_entry = partial(acmix_entrypoint, _create)
+_SWIN: dict[str, Any] = dict(patch_size=4, window_size=7, embed_dim=96, num_heads=(3, 6, 12, 24))
 
-
-@register_acmix_model
-def acmix_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
-    """ACmix-Swin-S: Swin-S (96, [2, 2, 18, 2], heads [3, 6, 12, 24]) + ACmix; paper 51 M, 9.0 GMACs, 83.5 %."""
-    args = dict(patch_size=4, window_size=7, embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
-    return _create("acmix_swin_small_patch4_window7_224", pretrained, **dict(args, **kwargs))
+acmix_swin_tiny_patch4_window7_224 = _entry(
+    "acmix_swin_tiny_patch4_window7_224", "ACmix-Swin-T: Swin-T with ACmix attention", **_SWIN, depths=(2, 2, 6, 2)
+)
+acmix_swin_small_patch4_window7_224 = _entry(
+    "acmix_swin_small_patch4_window7_224", "ACmix-Swin-S: Swin-S with ACmix attention", **_SWIN, depths=(2, 2, 18, 2)
+)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..analysis import walk
-from ..analysis.walk import stage_of
+from ..analysis.walk import ModelCost, stage_of
 from ..layers import ACmix, ConvPathMixin
 
 __all__ = ["ACmixNormAct", "ConversionReport", "Replaced", "Skipped", "choose_heads", "convert_model"]
@@ -269,36 +269,78 @@ def convert_model(
     Returns:
         ``(converted_model, report)``.
     """
-    bad = sorted(_FORBIDDEN_KWARGS & set(acmix_kwargs))
-    if bad:
-        raise ValueError(f"convert_model sets {', '.join(bad)} from each convolution; remove it from the arguments")
-    choose_heads(1, num_heads)  # validates num_heads
+    _check_options(acmix_kwargs, num_heads, min_channels)
     includes = [include] if isinstance(include, str) else list(include) if include is not None else None
     excludes = [exclude] if isinstance(exclude, str) else list(exclude or ())
     stage_keys = None if stages is None else {_stage_key(s) for s in stages}
-    if not isinstance(min_channels, int) or min_channels < 0:
-        raise ValueError(f"min_channels must be a non-negative int, got {min_channels!r}")
-
     before = walk(model, input_size, in_chans=in_chans) if input_size is not None else None
     params_before = _params(model)
     if not inplace:
         model = copy.deepcopy(model)
-    report = ConversionReport(params_before=params_before)
-    done: dict[int, nn.Module] = {}  # id(old) -> replacement (shared modules stay shared)
+    converter = _Converter(  # the fields in order, each from the argument of its name
+        includes, excludes, stage_keys, min_channels, num_heads, attn_kernel_size, conv_kernel_size, carry_attrs,
+        acmix_kwargs, ConversionReport(params_before=params_before),
+    )  # fmt: skip
+    model, report = converter.run(model), converter.report
+    report.params_after = _params(model)
+    if input_size is not None and before is not None:
+        _count_macs(report, before, walk(model, input_size, in_chans=in_chans))
+    logger.info(
+        "convert_model: %d convolutions replaced by ACmix, %d kept; params %d -> %d",
+        len(report.replaced), len(report.skipped), report.params_before, report.params_after,
+    )  # fmt: skip
+    return model, report
 
-    def filter_reason(name: str, conv: nn.Conv2d) -> str | None:
-        if includes is not None and not any(fnmatch.fnmatchcase(name, p) for p in includes):
+
+def _check_options(acmix_kwargs: dict[str, Any], num_heads: int, min_channels: int) -> None:
+    bad = sorted(_FORBIDDEN_KWARGS & set(acmix_kwargs))
+    if bad:
+        raise ValueError(f"convert_model sets {', '.join(bad)} from each convolution; remove it from the arguments")
+    choose_heads(1, num_heads)  # validates num_heads
+    if not isinstance(min_channels, int) or min_channels < 0:
+        raise ValueError(f"min_channels must be a non-negative int, got {min_channels!r}")
+
+
+@dataclass
+class _Converter:
+    """One :func:`convert_model` run: its filters and ACmix settings, the report it fills, and the replacements made
+    so far (``done``: id of a replaced module -> its replacement, so that a module shared in the tree stays shared)."""
+
+    includes: list[str] | None
+    excludes: list[str]
+    stage_keys: set[str] | None
+    min_channels: int
+    num_heads: int
+    attn_kernel_size: int
+    conv_kernel_size: int | None
+    carry_attrs: Sequence[str]
+    acmix_kwargs: dict[str, Any]
+    report: ConversionReport
+    done: dict[int, nn.Module] = field(default_factory=dict)
+
+    def run(self, model: nn.Module) -> nn.Module:
+        """``model`` with its convolutions replaced (a single convolution or block: its replacement)."""
+        if isinstance(model, nn.Conv2d) or _is_conv_norm_act(model):
+            return self.convert("", model) or model
+        if not isinstance(model, (ACmix, ConvPathMixin)):
+            self.visit(model, "")
+        return model
+
+    def filter_reason(self, name: str, conv: nn.Conv2d) -> str | None:
+        """Why the name, stage and channel filters keep ``conv`` (None when they let it through)."""
+        if self.includes is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.includes):
             return "not matched by include"
-        hit = next((p for p in excludes if fnmatch.fnmatchcase(name, p)), None)
+        hit = next((p for p in self.excludes if fnmatch.fnmatchcase(name, p)), None)
         if hit is not None:
             return f"excluded by {hit!r}"
-        if stage_keys is not None and (stage_of(name) or "outside the stages") not in stage_keys:
-            return f"not in stages {sorted(stage_keys)}"
-        if min(conv.in_channels, conv.out_channels) < min_channels:
-            return f"fewer than min_channels={min_channels} channels"
+        if self.stage_keys is not None and (stage_of(name) or "outside the stages") not in self.stage_keys:
+            return f"not in stages {sorted(self.stage_keys)}"
+        if min(conv.in_channels, conv.out_channels) < self.min_channels:
+            return f"fewer than min_channels={self.min_channels} channels"
         return None
 
-    def build(conv: nn.Conv2d) -> ACmix:
+    def build(self, conv: nn.Conv2d) -> ACmix:
+        """The ACmix layer for ``conv``: its channels and stride, on its device and dtype, in its train/eval mode."""
         k = _square(conv.kernel_size)
         s = _square(conv.stride)
         assert k is not None and s is not None
@@ -306,23 +348,23 @@ def convert_model(
             conv.in_channels,
             conv.out_channels,
             stride=s,
-            num_heads=choose_heads(conv.out_channels, num_heads),
-            attn_kernel_size=attn_kernel_size,
-            conv_kernel_size=conv_kernel_size or k,
-            **acmix_kwargs,
+            num_heads=choose_heads(conv.out_channels, self.num_heads),
+            attn_kernel_size=self.attn_kernel_size,
+            conv_kernel_size=self.conv_kernel_size or k,
+            **self.acmix_kwargs,
         )
         return layer.to(device=conv.weight.device, dtype=conv.weight.dtype).train(conv.training)
 
-    def convert(name: str, module: nn.Module) -> nn.Module | None:
+    def convert(self, name: str, module: nn.Module) -> nn.Module | None:
         """The replacement of ``module`` (a conv or a conv + norm + act block), or None to keep it."""
         block = _is_conv_norm_act(module)
         conv = module.conv if block else module
         assert isinstance(conv, nn.Conv2d)
-        reason = _structural_reason(conv) or filter_reason(name, conv)
+        reason = _structural_reason(conv) or self.filter_reason(name, conv)
         if reason is not None:
-            report.skipped.append(Skipped(name, reason))
+            self.report.skipped.append(Skipped(name, reason))
             return None
-        layer = build(conv)
+        layer = self.build(conv)
         new: nn.Module = layer
         if block:
             bn = module.bn
@@ -331,8 +373,8 @@ def convert_model(
             act = module.act
             assert isinstance(act, nn.Module)
             new = ACmixNormAct(layer, bn, act).train(module.training)
-        _carry(module, new, carry_attrs)
-        report.replaced.append(
+        _carry(module, new, self.carry_attrs)
+        self.report.replaced.append(
             Replaced(
                 name=name, kind="block" if block else "conv", stage=stage_of(name), in_channels=conv.in_channels,
                 out_channels=conv.out_channels, kernel_size=int(conv.kernel_size[0]), stride=int(conv.stride[0]),
@@ -343,44 +385,35 @@ def convert_model(
         )  # fmt: skip
         return new
 
-    def visit(parent: nn.Module, prefix: str) -> None:
-        # every registered child, a module registered twice too (named_children() yields it once)
+    def visit(self, parent: nn.Module, prefix: str) -> None:
+        """Replace below ``parent``: every registered child, a module registered twice too (``named_children()``
+        yields it once)."""
         for child_name, child in list(parent._modules.items()):
             name = f"{prefix}.{child_name}" if prefix else child_name
             if child is None:
                 continue
-            if id(child) in done:
-                setattr(parent, child_name, done[id(child)])
+            if id(child) in self.done:
+                setattr(parent, child_name, self.done[id(child)])
             elif isinstance(child, (ACmix, ConvPathMixin)):
                 continue
             elif isinstance(child, nn.Conv2d) or _is_conv_norm_act(child):
-                new = convert(name, child)
+                new = self.convert(name, child)
                 if new is not None:
-                    done[id(child)] = new
+                    self.done[id(child)] = new
                     setattr(parent, child_name, new)
             else:
-                visit(child, name)
+                self.visit(child, name)
 
-    if isinstance(model, nn.Conv2d) or _is_conv_norm_act(model):
-        model = convert("", model) or model
-    elif not isinstance(model, (ACmix, ConvPathMixin)):
-        visit(model, "")
 
-    report.params_after = _params(model)
-    if input_size is not None and before is not None:
-        after = walk(model, input_size, in_chans=in_chans)
-        macs_before = {m.name: m.cost.macs for m in before.modules}
-        macs_after = {m.name: m.cost.macs for m in after.modules}
-        report.input_size = before.input_size
-        report.macs_before, report.macs_after = before.macs, after.macs
-        report.replaced = [
-            _with_macs(r, macs_before.get(_conv_name(r)), macs_after.get(_conv_name(r))) for r in report.replaced
-        ]
-    logger.info(
-        "convert_model: %d convolutions replaced by ACmix, %d kept; params %d -> %d",
-        len(report.replaced), len(report.skipped), report.params_before, report.params_after,
-    )  # fmt: skip
-    return model, report
+def _count_macs(report: ConversionReport, before: ModelCost, after: ModelCost) -> None:
+    """Fill the report's multiply-adds from the :func:`walk` reports of the model before and after."""
+    macs_before = {m.name: m.cost.macs for m in before.modules}
+    macs_after = {m.name: m.cost.macs for m in after.modules}
+    report.input_size = before.input_size
+    report.macs_before, report.macs_after = before.macs, after.macs
+    report.replaced = [
+        _with_macs(r, macs_before.get(_conv_name(r)), macs_after.get(_conv_name(r))) for r in report.replaced
+    ]
 
 
 def _conv_name(r: Replaced) -> str:

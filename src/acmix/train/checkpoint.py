@@ -129,20 +129,14 @@ def writing(path: str | Path) -> Iterator[None]:
         raise WriteError(path, exc) from exc
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``, fsync folder.
-
-    Raises:
-        WriteError: the write failed (the temp file is removed; ``path`` keeps its previous content).
-    """
-    path = Path(path)
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` for the body to fill; then ``os.replace`` over ``path`` and an fsync of the
+    folder. The temporary file is removed whatever happens; an OSError becomes a :class:`WriteError` naming ``path``."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with writing(path):
         try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+            yield tmp
             os.replace(tmp, path)
         finally:
             with contextlib.suppress(OSError):
@@ -150,23 +144,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         _fsync_dir(path.parent)
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``, fsync folder.
+
+    Raises:
+        WriteError: the write failed (the temp file is removed; ``path`` keeps its previous content).
+    """
+    with _replacing(Path(path)) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    with writing(dst):
+    with _replacing(dst) as tmp:
         try:
-            try:
-                os.link(src, tmp)  # a hard link: no copy, same immutable bytes
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT):
-                    raise
-                shutil.copyfile(src, tmp)  # no hard links here (other file system, FAT, some network mounts)
-                with open(tmp, "rb+") as f:
-                    os.fsync(f.fileno())
-            os.replace(tmp, dst)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
-        _fsync_dir(dst.parent)
+            os.link(src, tmp)  # a hard link: no copy, same immutable bytes
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EIO, errno.EROFS, errno.EDQUOT):
+                raise
+            shutil.copyfile(src, tmp)  # no hard links here (other file system, FAT, some network mounts)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
 
 
 def _state_dict_bytes(sd: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:

@@ -23,7 +23,7 @@ import logging
 import math
 import random
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,6 +270,23 @@ def eval_transform(input_size: int, mean: Sequence[float], std: Sequence[float],
     )
 
 
+def data_eval_transform(data: Mapping[str, Any], default_crop_pct: float):
+    """:func:`eval_transform` of a data config (a checkpoint's ``data``: ``input_size``, ``mean``, ``std``, and
+    ``crop_pct`` and ``interpolation`` where it has them, else ``default_crop_pct`` and bilinear)."""
+    return eval_transform(
+        int(data["input_size"]),
+        data["mean"],
+        data["std"],
+        float(data.get("crop_pct", default_crop_pct)),
+        str(data.get("interpolation", "bilinear")),
+    )
+
+
+def image_mode(in_chans: int) -> str:
+    """PIL mode of the images for a model with ``in_chans`` input channels: ``"L"`` for one, else ``"RGB"``."""
+    return "L" if in_chans == 1 else "RGB"
+
+
 def build_data(cfg: Any, data_cfg: dict[str, Any], in_chans: int) -> DataBundle:
     """Datasets for ``cfg`` (a TrainConfig): digits when ``cfg.data_dir`` is None, else an image folder.
 
@@ -313,7 +330,7 @@ def build_data(cfg: Any, data_cfg: dict[str, Any], in_chans: int) -> DataBundle:
         re_mode=cfg.remode,
         re_count=cfg.recount,
     )
-    img_mode = "L" if in_chans == 1 else "RGB"
+    img_mode = image_mode(in_chans)
     train: Any
     val: Any
     train = ImageFolderDataset(root / cfg.train_split, train_tf, img_mode=img_mode, skip_bad=cfg.skip_bad_images)

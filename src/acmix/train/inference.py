@@ -134,16 +134,9 @@ def _load_foreign(model: nn.Module, path: Path, *, strict: bool) -> None:
 
 
 def _pil_to_tensor(img: Any, data: dict[str, Any]) -> torch.Tensor:
-    from .data import eval_transform
+    from .data import data_eval_transform
 
-    tf = eval_transform(
-        int(data["input_size"]),
-        data["mean"],
-        data["std"],
-        float(data.get("crop_pct", 1.0)),
-        str(data.get("interpolation", "bilinear")),
-    )
-    return tf(img)
+    return data_eval_transform(data, default_crop_pct=1.0)(img)
 
 
 def load_image(path: str | Path, data: dict[str, Any]) -> torch.Tensor:
@@ -153,7 +146,9 @@ def load_image(path: str | Path, data: dict[str, Any]) -> torch.Tensor:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"image not found: {p}")
-    mode = "L" if int(data.get("in_chans", 3)) == 1 else "RGB"
+    from .data import image_mode
+
+    mode = image_mode(int(data.get("in_chans", 3)))
     try:
         with Image.open(p) as im:
             im.load()

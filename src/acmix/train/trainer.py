@@ -157,15 +157,11 @@ def _loss_fns(cfg: TrainConfig, num_classes: int) -> tuple[Any, Any]:
 
     mixup_fn = None
     if cfg.mixup > 0 or cfg.cutmix > 0:
-        mixup_fn = Mixup(
-            mixup_alpha=cfg.mixup,
-            cutmix_alpha=cfg.cutmix,
-            prob=cfg.mixup_prob,
-            switch_prob=cfg.mixup_switch_prob,
-            mode=cfg.mixup_mode,
-            label_smoothing=cfg.smoothing,
-            num_classes=num_classes,
-        )
+        mixup_fn = Mixup(  # the strengths; when and how to mix; the soft targets
+            mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix,
+            prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+            label_smoothing=cfg.smoothing, num_classes=num_classes,
+        )  # fmt: skip
         return SoftTargetCrossEntropy(), mixup_fn
     if cfg.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=cfg.smoothing), None
@@ -604,29 +600,14 @@ def _train_epoch(p: _Parts, prog: _Progress, control: StepControl) -> Any:
     cfg = p.cfg
     p.train_sampler.set_epoch(prog.epoch, start=prog.batches_done * cfg.batch_size)
     try:
-        return train_one_epoch(
-            p.train_model,
-            p.train_loader,
-            p.optimizer,
-            p.loss_fn,
-            epoch=prog.epoch,
-            device=p.device,
-            scheduler=p.scheduler,
-            updates=prog.updates,
-            batches_done=prog.batches_done,
-            accum_steps=cfg.grad_accum_steps,
-            clip_grad=cfg.clip_grad,
-            clip_mode=cfg.clip_mode,
-            amp_dtype=p.amp_dtype,
-            scaler=p.scaler,
-            ema=p.ema,
-            mixup_fn=p.mixup_fn,
-            channels_last=cfg.channels_last,
-            nan_policy=cfg.nan_policy,
-            control=control,
-            progress=cfg.progress and p.info.is_main,
-            totals=prog.totals,
-        )
+        return train_one_epoch(  # the run's parts; where the epoch resumes; the step settings of the config
+            p.train_model, p.train_loader, p.optimizer, p.loss_fn,
+            device=p.device, scheduler=p.scheduler, amp_dtype=p.amp_dtype, scaler=p.scaler, ema=p.ema,
+            mixup_fn=p.mixup_fn, control=control, progress=cfg.progress and p.info.is_main,
+            epoch=prog.epoch, updates=prog.updates, batches_done=prog.batches_done, totals=prog.totals,
+            accum_steps=cfg.grad_accum_steps, clip_grad=cfg.clip_grad, clip_mode=cfg.clip_mode,
+            channels_last=cfg.channels_last, nan_policy=cfg.nan_policy,
+        )  # fmt: skip
     except NonFiniteLossError as exc:
         raise TrainingStopped(f"{exc}; last good checkpoint: {p.run_dir / 'last.state.pt'}") from None
     except ValueError as exc:  # a DataLoader worker's error arrives with its traceback in the message

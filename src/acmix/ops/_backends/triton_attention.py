@@ -111,10 +111,6 @@ def axis_reflection(n: int, pad: int) -> tuple[int, int, bool]:
     return period, off, pad <= n - 1
 
 
-def _strides(t: torch.Tensor) -> list[int]:
-    return list(t.stride())
-
-
 def empty_like_layout(q: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
     """A new (B, N, D, h, w) tensor in q's memory layout: channels-last-like (head_dim fastest) or contiguous.
 
@@ -175,13 +171,14 @@ def _pos5(pos: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor:
     return p.expand(q.shape)
 
 
-def _common_args(q: torch.Tensor, kernel_size: int, stride: int) -> dict[str, Any]:
-    """Constexpr and scalar arguments shared by the three attention kernels (imports the kernels first)."""
+def _kernel_args(q: torch.Tensor, pos: torch.Tensor | None, kernel_size: int, stride: int) -> dict[str, Any]:
+    """Constexpr, scalar and launch arguments shared by the three attention kernels (imports the kernels first)."""
     kernels()
     h, w = q.shape[-2:]
     pad = kernel_size // 2
     py, offy, oncey = axis_reflection(h, pad)
     px, offx, oncex = axis_reflection(w, pad)
+    block_d = _block_d(q.shape[2])
     return {
         "Py": py,
         "OFFy": offy,
@@ -193,88 +190,33 @@ def _common_args(q: torch.Tensor, kernel_size: int, stride: int) -> dict[str, An
         "ONCE_X": oncex,
         "PRECISION": _precision(q),
         "UPCAST": q.dtype == torch.bfloat16 and bool(_kernels_interpreted()),
+        "BLOCK_D": block_d,
+        "HAS_POS": pos is not None,
+        "num_warps": _warps(block_d),
     }
 
 
-def _forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pos: torch.Tensor | None,
-    kernel_size: int,
-    stride: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    b, n, d, h, w = q.shape
-    ho, wo = -(-h // stride), -(-w // stride)
-    out = empty_like_layout(q, (b, n, d, ho, wo))
-    lse = torch.empty(b * n, ho * wo, dtype=torch.float32, device=q.device)
-    tqy, tqx = query_tile(stride, ho, wo)
-    nty, ntx = -(-ho // tqy), -(-wo // tqx)
-    p = _pos5(pos, q)
-    block_d = _block_d(d)
-    kernels()._attn_fwd[(b * n * nty * ntx,)](
-        q, k, v, p, out, lse,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(p), *_strides(out),
-        n, h, w, ho, wo, d,
-        float(scale) * _LOG2E,
-        n_tiles=nty * ntx, n_tiles_x=ntx,
-        TQY=tqy, TQX=tqx, BLOCK_N=64, BLOCK_D=block_d, HAS_POS=pos is not None,
-        num_warps=_warps(block_d),
-        **_common_args(q, kernel_size, stride),
-    )  # fmt: skip
-    return out, lse
+def _launch(
+    kernel: Any,
+    tensors: tuple[torch.Tensor, ...],
+    scales: tuple[float, ...],
+    tile: tuple[int, int],
+    extent: tuple[int, int],
+    **kwargs: Any,
+) -> None:
+    """One program per (batch, head) and ``tile`` of an ``extent`` map.
 
-
-def _backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pos: torch.Tensor | None,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    kernel_size: int,
-    stride: int,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    b, n, d, h, w = q.shape
-    ho, wo = out.shape[-2:]
-    dq = empty_like_layout(q, tuple(q.shape))
-    if stride > 1:
-        dq.zero_()  # only every stride-th position is a query
-    dk = empty_like_layout(q, tuple(q.shape))
-    dv = empty_like_layout(q, tuple(q.shape))
-    delta = torch.empty_like(lse)
-    p = _pos5(pos, q)
-    block_d = _block_d(d)
-    common = _common_args(q, kernel_size, stride)
-    mod = kernels()
-    tqy, tqx = query_tile(stride, ho, wo)
-    nty, ntx = -(-ho // tqy), -(-wo // tqx)
-    mod._attn_bwd_dq[(b * n * nty * ntx,)](
-        q, k, v, p, out, dout, lse, delta, dq,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(p), *_strides(out), *_strides(dout), *_strides(dq),
-        n, h, w, ho, wo, d,
-        float(scale) * _LOG2E, float(scale),
-        n_tiles=nty * ntx, n_tiles_x=ntx,
-        TQY=tqy, TQX=tqx, BLOCK_N=64, BLOCK_D=block_d, HAS_POS=pos is not None,
-        num_warps=_warps(block_d),
-        **common,
-    )  # fmt: skip
-    tky, tkx = key_tile(stride, h, w)
-    nky, nkx = -(-h // tky), -(-w // tkx)
-    mod._attn_bwd_dkdv[(b * n * nky * nkx,)](
-        q, k, v, p, dout, lse, delta, dk, dv,
-        *_strides(q), *_strides(k), *_strides(v), *_strides(p), *_strides(dout), *_strides(dk), *_strides(dv),
-        n, h, w, ho, wo, d,
-        float(scale) * _LOG2E, float(scale),
-        n_tiles=nky * nkx, n_tiles_x=nkx,
-        TKY=tky, TKX=tkx, BLOCK_M=64, BLOCK_D=block_d, HAS_POS=pos is not None,
-        num_warps=_warps(block_d),
-        **common,
-    )  # fmt: skip
-    return dq, dk, dv
+    ``tensors``: q, k, v, p (B, N, D, H, W), then out or dO (B, N, D, HO, WO), then the kernel's others. The kernel
+    takes them, the strides of their five-dimensional members in order (the (B N, HO WO) log-sum-exp and delta have
+    none), the sizes N, H, W, HO, WO, D, ``scales``, the tile counts and ``kwargs``.
+    """
+    b, n, d, h, w = tensors[0].shape
+    ho, wo = tensors[4].shape[-2:]
+    nty, ntx = -(-extent[0] // tile[0]), -(-extent[1] // tile[1])
+    strides = [s for t in tensors if t.dim() == 5 for s in t.stride()]
+    kernel[(b * n * nty * ntx,)](
+        *tensors, *strides, n, h, w, ho, wo, d, *scales, n_tiles=nty * ntx, n_tiles_x=ntx, **kwargs
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -292,7 +234,17 @@ def _attention_op(
     stride: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, pos, kernel_size, stride, scale)
+    """Output (B, N, D, HO, WO) in q's layout and the base-2 log-sum-exp (B N, HO WO) float32."""
+    b, n, d, h, w = q.shape
+    ho, wo = -(-h // stride), -(-w // stride)
+    out = empty_like_layout(q, (b, n, d, ho, wo))
+    lse = torch.empty(b * n, ho * wo, dtype=torch.float32, device=q.device)
+    tqy, tqx = query_tile(stride, ho, wo)
+    _launch(
+        kernels()._attn_fwd, (q, k, v, _pos5(pos, q), out, lse), (float(scale) * _LOG2E,), (tqy, tqx), (ho, wo),
+        TQY=tqy, TQX=tqx, BLOCK_N=64, **_kernel_args(q, pos, kernel_size, stride),
+    )  # fmt: skip
+    return out, lse
 
 
 @_attention_op.register_fake
@@ -315,7 +267,29 @@ def _attention_backward_op(
     stride: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(dout, q, k, v, pos, out, lse, kernel_size, stride, scale)
+    """dq, dk' and dv, each in q's shape and layout: the query-centric kernel (dq, delta), then the key-centric one."""
+    dq = empty_like_layout(q, tuple(q.shape))
+    if stride > 1:
+        dq.zero_()  # only every stride-th position is a query
+    dk = empty_like_layout(q, tuple(q.shape))
+    dv = empty_like_layout(q, tuple(q.shape))
+    delta = torch.empty_like(lse)
+    p = _pos5(pos, q)
+    args = _kernel_args(q, pos, kernel_size, stride)
+    scales = (float(scale) * _LOG2E, float(scale))
+    (h, w), (ho, wo) = q.shape[-2:], out.shape[-2:]
+    mod = kernels()
+    tqy, tqx = query_tile(stride, ho, wo)
+    _launch(
+        mod._attn_bwd_dq, (q, k, v, p, out, dout, lse, delta, dq), scales, (tqy, tqx), (ho, wo),
+        TQY=tqy, TQX=tqx, BLOCK_N=64, **args,
+    )  # fmt: skip
+    tky, tkx = key_tile(stride, h, w)
+    _launch(
+        mod._attn_bwd_dkdv, (q, k, v, p, dout, lse, delta, dk, dv), scales, (tky, tkx), (h, w),
+        TKY=tky, TKX=tkx, BLOCK_M=64, **args,
+    )  # fmt: skip
+    return dq, dk, dv
 
 
 @_attention_backward_op.register_fake

@@ -265,40 +265,52 @@ inline Vec<T> vclamp(const Vec<T>& x, T lo, T hi) {
 // than the dot products. Cody-Waite reduction x = n ln2 + r with n rounded to nearest by the 1.5 * 2^mantissa trick
 // (which also leaves n in the low bits), a polynomial for e^r on [-ln2/2, ln2/2] (Cephes expf / exp), and 2^n
 // written into the exponent bits. Relative error ~1 ulp; x is clamped to where 2^n stays normal.
-inline Vec<float> vexp(Vec<float> x) {
-  using V = Vec<float>;
-  using I = IntLanes<float>::type;
-  x = vclamp<float>(x, -87.0f, 88.0f);
-  const float magic = 12582912.0f;  // 1.5 * 2^23
-  const V t = x * 1.44269504088896341f + magic;
-  const V n = t - magic;
-  const I ni = bitcast<I>(t) - bitcast<I>(V{} + magic);
-  const V r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
+template <typename T>
+struct ExpConsts;
+template <>
+struct ExpConsts<float> {
+  static constexpr float lo = -87.0f, hi = 88.0f, magic = 12582912.0f /* 1.5 * 2^23 */, log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;  // ln2 = ln2_hi + ln2_lo
+  static constexpr int bias = 127, mantissa = 23;
+};
+template <>
+struct ExpConsts<double> {
+  static constexpr double lo = -708.0, hi = 709.0, magic = 6755399441055744.0 /* 1.5 * 2^52 */;
+  static constexpr double log2e = 1.4426950408889634074;
+  static constexpr double ln2_hi = 6.93145751953125e-1, ln2_lo = 1.42860682030941723212e-6;  // ln2 = ln2_hi + ln2_lo
+  static constexpr int bias = 1023, mantissa = 52;
+};
+
+// e^r for |r| <= ln2/2: Cephes expf's polynomial (float), Cephes exp's rational form (double)
+inline Vec<float> exp_reduced(const Vec<float>& r) {
+  Vec<float> p = Vec<float>{} + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const V y = p * r * r + r + 1.0f;
-  return y * bitcast<V>((ni + 127) << 23);
+  return p * r * r + r + 1.0f;
 }
 
-inline Vec<double> vexp(Vec<double> x) {
+inline Vec<double> exp_reduced(const Vec<double>& r) {
   using V = Vec<double>;
-  using I = IntLanes<double>::type;
-  x = vclamp<double>(x, -708.0, 709.0);
-  const double magic = 6755399441055744.0;  // 1.5 * 2^52
-  const V t = x * 1.4426950408889634074 + magic;
-  const V n = t - magic;
-  const I ni = bitcast<I>(t) - bitcast<I>(V{} + magic);
-  const V r = x - n * 6.93145751953125e-1 - n * 1.42860682030941723212e-6;
   const V r2 = r * r;
   const V px = r * ((r2 * 1.26177193074810590878e-4 + 3.02994407707441961300e-2) * r2 + 9.99999999999999999910e-1);
   const V qx = ((r2 * 3.00198505138664455042e-6 + 2.52448340349684104192e-3) * r2 + 2.27265548208155028766e-1) * r2 +
                2.00000000000000000009e0;
-  const V y = 1.0 + 2.0 * px / (qx - px);
-  return y * bitcast<V>((ni + 1023) << 52);
+  return 1.0 + 2.0 * px / (qx - px);
+}
+
+template <typename T>
+inline Vec<T> vexp(Vec<T> x) {
+  using V = Vec<T>;
+  using I = typename IntLanes<T>::type;
+  using C = ExpConsts<T>;
+  x = vclamp<T>(x, C::lo, C::hi);
+  const V t = x * C::log2e + C::magic;
+  const V n = t - C::magic;
+  const I ni = bitcast<I>(t) - bitcast<I>(V{} + C::magic);
+  return exp_reduced(x - n * C::ln2_hi - n * C::ln2_lo) * bitcast<V>((ni + C::bias) << C::mantissa);
 }
 
 // out[u] = sum_d a[d] * line_d[off[u]] (NL<T> queries at once) for UB window columns: a is (D, lda) at the block's
@@ -476,7 +488,7 @@ void forward_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
           Vec<T> mx = loadu(S.data()), sum{};
           for (int64_t t = 1; t < k2; ++t) mx = vmax<T>(mx, loadu(S.data() + t * NL<T>));
           for (int64_t t = 0; t < k2; ++t) {
-            const Vec<T> e = vexp(loadu(S.data() + t * NL<T>) - mx);
+            const Vec<T> e = vexp<T>(loadu(S.data() + t * NL<T>) - mx);
             storeu(S.data() + t * NL<T>, e);
             sum += e;
           }
@@ -550,7 +562,7 @@ void backward_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tens
             window_dots<T>(gb.data() + g.PL + x0, g.LX, vs.data() + row_off + x0, g, Sc, g.LX);  // dA = dO . v
             const Vec<T> lx = loadu(lrow.data() + x0), dx = loadu(delta.data() + x0);
             for (int64_t t = 0; t < k2; ++t) {
-              const Vec<T> a = vexp(loadu(Pc + t * g.LX) - lx) * mask;
+              const Vec<T> a = vexp<T>(loadu(Pc + t * g.LX) - lx) * mask;
               storeu(Pc + t * g.LX, a);
               storeu(Sc + t * g.LX, a * (loadu(Sc + t * g.LX) - dx));  // d logit = A (dA - delta)
             }
