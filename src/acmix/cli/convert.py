@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..models import extract_state_dict, get_checkpoint_filter, load_official_checkpoint, read_checkpoint
-from .main import UsageError
+from .main import UsageError, add_command
 from .train import one_line_errors
 
 _logger = logging.getLogger(__name__)
@@ -80,9 +80,8 @@ def run_convert(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="official checkpoint -> clean safetensors that timm loads")
+    p = add_command(sub, "convert", "official checkpoint -> clean safetensors that timm loads", __doc__, run_convert)
     p.add_argument("checkpoint", help="official file (.pth training state or state dict, or .safetensors)")
     p.add_argument("out", help="output .safetensors file (written atomically)")
     p.add_argument("--model", required=True, help="registered model name, e.g. acmix_swin_tiny_patch4_window7_224")
     one_line_errors(p, "acmix convert")
-    p.set_defaults(func=run_convert)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..ops import use_backend
-from .main import UsageError
+from .main import UsageError, add_command
 
 
 def check_shapes(
@@ -189,7 +189,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("export", help="ONNX export checked in onnxruntime (CPU)")
+    e = add_command(sub, "export", "ONNX export checked in onnxruntime (CPU)", __doc__, run_export)
     e.add_argument("model", help="registered model name, e.g. acmix_resnet26")
     e.add_argument("out", help="output .onnx file")
     e.add_argument("--weights", help="checkpoint to load first (official file or safetensors)")
@@ -201,4 +201,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     e.add_argument("--num-classes", type=int, default=None, help="override the classifier size")
     e.add_argument("--opset", type=int, default=18, help="ONNX opset, >= 17 (default 18)")
-    e.set_defaults(func=run_export)

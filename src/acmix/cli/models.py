@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..models import PAPER_TABLE
+from .main import add_command
 
 
 def run_models(args: argparse.Namespace) -> int:
@@ -21,6 +22,5 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    m = sub.add_parser("models", help="the paper's models and baselines with their table numbers")
+    m = add_command(sub, "models", "the paper's models and baselines with their table numbers", __doc__, run_models)
     m.add_argument("pattern", nargs="?", default="", help="substring filter")
-    m.set_defaults(func=run_models)
