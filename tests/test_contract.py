@@ -220,6 +220,8 @@ def test_onnx_dynamic_batch_and_size(tmp_path, name):
 
     model = built(name)
     x = small_input(model, batch=1)
+    if x.shape[-2] < 64:  # keep every feature map above 1 pixel: torch.export fixes axes of size 1 (1 x 2 at /32)
+        x = torch.randn(1, x.shape[1], 64, 96)
     result = export_onnx(model, tmp_path / "m.onnx", tuple(x.shape), dynamic_size=True)
     assert all(isinstance(result["input_shape"][a], str) for a in (0, 2, 3)), result["input_shape"]
     assert len(result["checked"]) == 4 and result["max_abs_diff"] <= 1e-4

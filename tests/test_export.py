@@ -154,3 +154,30 @@ def test_onnx_cli_full_size(tmp_path, name, capsys):
     pytest.importorskip("onnxruntime")
     assert main(["export", name, str(tmp_path / "m.onnx"), "--size", "224"]) == 0
     assert "max abs diff" in capsys.readouterr().out
+
+
+def test_a_graph_that_fixed_a_size_is_one_line_naming_the_remedy(tmp_path, monkeypatch):
+    """A graph traced where a feature map is 1 pixel (torch.export fixes that axis; acmix_resnet38 at 32 x 64) fails
+    in onnxruntime at other sizes: one line naming the input and the remedy, not onnxruntime's multi-line error."""
+    ort = pytest.importorskip("onnxruntime")
+    from acmix.cli.export import _max_diff_in_onnxruntime
+
+    class FixedSizeSession:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def get_inputs(self):
+            return [type("Input", (), {"name": "x"})()]
+
+        def run(self, outputs, feed):
+            if feed["x"].shape != (1, 2):
+                raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : Reshape node\nInput shape:{1,2,2,5}")
+            return [feed["x"] * 2]
+
+    monkeypatch.setattr(ort, "InferenceSession", FixedSizeSession)
+    double = torch.nn.Identity()
+    inputs = [torch.ones(1, 2), torch.ones(2, 2)]
+    with pytest.raises(ValueError) as info:
+        _max_diff_in_onnxruntime(lambda x: 2 * double(x), tmp_path / "m.onnx", inputs, atol=1e-4)
+    msg = str(info.value)
+    assert "\n" not in msg and "does not run at input (2, 2)" in msg and "Reshape node" in msg and "--size" in msg

@@ -137,8 +137,19 @@ def _max_diff_in_onnxruntime(model: nn.Module, out_path: Path, inputs: list[torc
 
     session = ort.InferenceSession(str(out_path), providers=["CPUExecutionProvider"])
     diff = 0.0
-    for xi in inputs:
-        got = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: xi.numpy()})[0])
+    for i, xi in enumerate(inputs):
+        try:
+            outputs = session.run(None, {session.get_inputs()[0].name: xi.numpy()})
+        except Exception as exc:  # onnxruntime's own error types; the graph fixed a size it was traced at
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            hint = (
+                "; trace at a larger input (--size): torch.export fixes every axis of size 1, such as a feature map "
+                "the traced input shrinks to 1 pixel"
+                if i
+                else ""
+            )
+            raise ValueError(f"the ONNX graph does not run at input {tuple(xi.shape)}: {first[:300]}{hint}") from exc
+        got = torch.from_numpy(outputs[0])
         with torch.no_grad():
             ref = model(xi)
         d = float((got - ref).abs().max())
