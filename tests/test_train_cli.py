@@ -197,6 +197,7 @@ def test_signal_checkpoints_and_exits_with_resume_hint(tmp_path, sig, capsys):
             time.sleep(0.05)
         os.kill(os.getpid(), sig)
 
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}  # SIG_IGN in a background job
     watcher = threading.Thread(target=send_when_checkpointed, daemon=True)
     watcher.start()
     code = main(["train", "--output", str(run), "--epochs", "50", "--checkpoint-every", "3", *FAST])
@@ -207,7 +208,7 @@ def test_signal_checkpoints_and_exits_with_resume_hint(tmp_path, sig, capsys):
     st = ckpt.load_state(run / "last.state.pt")
     updates = st["updates"]
     assert updates >= 3 and st["batches_done"] == updates  # written at the stop, not only the periodic one
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert {s: signal.getsignal(s) for s in before} == before  # the caller's handlers restored
     assert main(["train", "--resume", str(run), "--max-steps", str(updates + 2), *FAST]) == 0
     assert ckpt.load_state(run / "last.state.pt")["updates"] == updates + 2
 
